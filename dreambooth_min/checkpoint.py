@@ -1,0 +1,372 @@
+"""Load Stable Diffusion 1.x / 2.x checkpoints into our modules.
+
+Two layouts are read:
+- a single `.safetensors` file in the original LDM layout (what A1111 and ComfyUI load), whose keys are
+  renamed to ours by the one table in `unet_rename_table` / `vae_rename_table`;
+- a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`),
+  whose keys already are ours.
+
+Sizes are read from the tensors' shapes, so the same code loads the real 860M-parameter UNet and the
+tiny test models. The tensors do not say how many attention heads there are; the rule is the one of the
+released configs: SD 1.x (1x1-conv proj_in) has 8 heads, SD 2.x (linear proj_in) heads of 64 channels.
+
+SD 1.x or 2.x: a linear proj_in (LDM `use_linear_in_transformer`) means SD 2.x.
+Prediction type: SD 1.x is epsilon. A diffusers folder says it in scheduler/scheduler_config.json. For an
+SD 2.x single file the weights cannot tell (the 768-v and 512-base UNets have the same shapes), so we
+follow the file's neighbours and name: a `<name>.yaml` beside it with `parameterization: "v"` means v,
+one without it means epsilon (A1111's convention); otherwise a name containing "512" or "base" means
+epsilon, anything else v_prediction (the 768 models). `prediction_type=` overrides all of this.
+"""
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .model import StableDiffusion
+from .safetensors_io import PICKLE_HINT, SafetensorsFile
+from .text import (convert_open_clip, load_tokenizer, match_text_prefix, text_config_from_json,
+                   text_config_from_state_dict)
+from .unet import UNet2DConditionModel, UNetConfig
+from .vae import AutoencoderKL, VAEConfig
+
+UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP ViT-H text tower
+HF_CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: already transformers' CLIPTextModel names
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+# ---------------------------------------------------------------------------------------------------
+# The LDM -> diffusers rename table. Block prefixes depend on the configuration (how many levels and
+# res blocks); the names inside a res block or the VAE attention are fixed.
+
+UNET_RESNET_RENAMES = [("in_layers.0.", "norm1."), ("in_layers.2.", "conv1."), ("emb_layers.1.", "time_emb_proj."),
+                       ("out_layers.0.", "norm2."), ("out_layers.3.", "conv2."), ("skip_connection.", "conv_shortcut.")]
+VAE_RESNET_RENAMES = [("nin_shortcut.", "conv_shortcut.")]
+VAE_ATTENTION_RENAMES = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."),
+                         ("proj_out.", "to_out.0.")]
+
+
+def unet_rename_table(cfg):
+    """[(LDM prefix, our prefix, inner renames)] for a UNet of configuration `cfg`.
+
+    LDM numbers its blocks in one flat list per direction: `input_blocks.k` for k = 1 + (n+1)*level + j
+    holds res block j (and its attention as `.1`), `input_blocks.(n+1)*(level+1)` that level's
+    downsampler; `output_blocks` run from the deepest level up, n+1 per level, the upsampler last.
+    """
+    n, levels = cfg.layers_per_block, len(cfg.block_out_channels)
+    table = [("time_embed.0.", "time_embedding.linear_1.", []), ("time_embed.2.", "time_embedding.linear_2.", []),
+             ("input_blocks.0.0.", "conv_in.", []), ("out.0.", "conv_norm_out.", []), ("out.2.", "conv_out.", []),
+             ("middle_block.0.", "mid_block.resnets.0.", UNET_RESNET_RENAMES),
+             ("middle_block.1.", "mid_block.attentions.0.", []),
+             ("middle_block.2.", "mid_block.resnets.1.", UNET_RESNET_RENAMES)]
+    for level in range(levels):
+        for j in range(n):
+            k = 1 + (n + 1) * level + j
+            table.append((f"input_blocks.{k}.0.", f"down_blocks.{level}.resnets.{j}.", UNET_RESNET_RENAMES))
+            if cfg.attention_levels[level]:
+                table.append((f"input_blocks.{k}.1.", f"down_blocks.{level}.attentions.{j}.", []))
+        if level < levels - 1:
+            table.append((f"input_blocks.{(n + 1) * (level + 1)}.0.op.", f"down_blocks.{level}.downsamplers.0.conv.", []))
+    for i in range(levels):  # up block i mirrors down level levels-1-i
+        attn = cfg.attention_levels[levels - 1 - i]
+        for j in range(n + 1):
+            k = (n + 1) * i + j
+            table.append((f"output_blocks.{k}.0.", f"up_blocks.{i}.resnets.{j}.", UNET_RESNET_RENAMES))
+            if attn:
+                table.append((f"output_blocks.{k}.1.", f"up_blocks.{i}.attentions.{j}.", []))
+        if i < levels - 1:
+            k = (n + 1) * i + n
+            table.append((f"output_blocks.{k}.{2 if attn else 1}.conv.", f"up_blocks.{i}.upsamplers.0.conv.", []))
+    return table
+
+
+def vae_rename_table(cfg):
+    """[(LDM prefix, our prefix, inner renames)] for the VAE. LDM's `decoder.up` list is stored in
+    reverse: `decoder.up.{L-1}` runs first (lowest resolution), which diffusers calls `up_blocks.0`."""
+    levels, n = len(cfg.block_out_channels), cfg.layers_per_block
+    table = [("quant_conv.", "quant_conv.", []), ("post_quant_conv.", "post_quant_conv.", [])]
+    for part in ("encoder", "decoder"):
+        table += [(f"{part}.conv_in.", f"{part}.conv_in.", []), (f"{part}.conv_out.", f"{part}.conv_out.", []),
+                  (f"{part}.norm_out.", f"{part}.conv_norm_out.", []),
+                  (f"{part}.mid.block_1.", f"{part}.mid_block.resnets.0.", VAE_RESNET_RENAMES),
+                  (f"{part}.mid.attn_1.", f"{part}.mid_block.attentions.0.", VAE_ATTENTION_RENAMES),
+                  (f"{part}.mid.block_2.", f"{part}.mid_block.resnets.1.", VAE_RESNET_RENAMES)]
+    for i in range(levels):
+        for j in range(n):
+            table.append((f"encoder.down.{i}.block.{j}.", f"encoder.down_blocks.{i}.resnets.{j}.", VAE_RESNET_RENAMES))
+        if i < levels - 1:
+            table.append((f"encoder.down.{i}.downsample.conv.", f"encoder.down_blocks.{i}.downsamplers.0.conv.", []))
+        ldm = levels - 1 - i
+        for j in range(n + 1):
+            table.append((f"decoder.up.{ldm}.block.{j}.", f"decoder.up_blocks.{i}.resnets.{j}.", VAE_RESNET_RENAMES))
+        if i < levels - 1:
+            table.append((f"decoder.up.{ldm}.upsample.conv.", f"decoder.up_blocks.{i}.upsamplers.0.conv.", []))
+    return table
+
+
+def rename(key, table):
+    """Our name for the LDM `key`, or None when no row of `table` covers it."""
+    for ldm, ours, inner in table:
+        if key.startswith(ldm):
+            rest = key[len(ldm):]
+            for a, b in inner:
+                if rest.startswith(a):
+                    rest = b + rest[len(a):]
+                    break
+            return ours + rest
+    return None
+
+
+def unrename(key, table):
+    """The LDM name of our `key` (the table read backwards), or None."""
+    for ldm, ours, inner in table:
+        if key.startswith(ours):
+            rest = key[len(ours):]
+            for a, b in inner:
+                if rest.startswith(b):
+                    rest = a + rest[len(b):]
+                    break
+            return ldm + rest
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configurations from tensor shapes (LDM layout)
+
+def _indices(shapes, pattern):
+    return sorted({int(m.group(1)) for k in shapes if (m := re.match(pattern, k))})
+
+
+def infer_unet_config(shapes):
+    """UNetConfig from the shapes of the `model.diffusion_model.*` tensors (prefix removed)."""
+    try:
+        conv_in, conv_out = shapes["input_blocks.0.0.weight"], shapes["out.2.weight"]
+        downsamplers = _indices(shapes, r"input_blocks\.(\d+)\.0\.op\.weight")
+        inputs = _indices(shapes, r"input_blocks\.(\d+)\.")
+        levels = len(downsamplers) + 1
+        n = (len(inputs) - 1 - len(downsamplers)) // levels
+        first = [1 + (n + 1) * level for level in range(levels)]
+        channels = tuple(shapes[f"input_blocks.{k}.0.out_layers.3.weight"][0] for k in first)
+        attention = tuple(f"input_blocks.{k}.1.proj_in.weight" in shapes for k in first)
+        proj_in = shapes["middle_block.1.proj_in.weight"]
+        context = shapes["middle_block.1.transformer_blocks.0.attn2.to_k.weight"][1]
+        depth = len(_indices(shapes, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+        # Inner attention width per level: from to_q where the level has attention, else its channels.
+        inner = [shapes[f"input_blocks.{k}.1.transformer_blocks.0.attn1.to_q.weight"][0] if a else c
+                 for k, a, c in zip(first, attention, channels)]
+        inner[-1] = shapes["middle_block.1.transformer_blocks.0.attn1.to_q.weight"][0]  # the mid block's
+    except KeyError as e:
+        raise UserError(f"unknown UNet architecture: tensor {UNET_PREFIX}{e.args[0]} not found "
+                        "(only Stable Diffusion 1.x and 2.x UNets are supported)") from None
+    linear = len(proj_in) == 2
+    if linear:  # SD 2.x: heads of 64 channels
+        head_dim = [64 if d % 64 == 0 else d for d in inner]
+    else:  # SD 1.x: 8 heads
+        head_dim = [d // 8 for d in inner]
+    return UNetConfig(
+        in_channels=conv_in[1], out_channels=conv_out[0], block_out_channels=channels, layers_per_block=n,
+        attention_levels=attention, num_attention_heads=tuple(d // h for d, h in zip(inner, head_dim)),
+        attention_head_dim=tuple(head_dim), cross_attention_dim=context, use_linear_projection=linear,
+        upcast_attention=linear,  # SD 2.x overflows fp16 in Q K^T; upcasting costs nothing in fp32
+        transformer_layers_per_block=depth)
+
+
+def infer_vae_config(shapes):
+    """VAEConfig from the shapes of the `first_stage_model.*` tensors (prefix removed)."""
+    if any(re.match(r"(encoder\.down|decoder\.up)\.\d+\.attn\.", k) for k in shapes):
+        raise UserError("unknown VAE architecture: attention outside the mid block is not supported")
+    try:
+        levels = _indices(shapes, r"encoder\.down\.(\d+)\.")
+        return VAEConfig(
+            in_channels=shapes["encoder.conv_in.weight"][1], out_channels=shapes["decoder.conv_out.weight"][0],
+            block_out_channels=tuple(shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in levels),
+            layers_per_block=len(_indices(shapes, r"encoder\.down\.0\.block\.(\d+)\.")),
+            latent_channels=shapes["post_quant_conv.weight"][0])
+    except KeyError as e:
+        raise UserError(f"unknown VAE architecture: tensor {VAE_PREFIX}{e.args[0]} not found") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Filling modules built on the meta device
+
+def _build(cls, cfg, dtype, device):
+    """The module with uninitialised storage: no random init to throw away, no second copy."""
+    with torch.device("meta"):
+        module = cls(cfg)
+    return module.to(dtype).to_empty(device=device)
+
+
+@torch.no_grad()
+def fill(module, sources, what):
+    """Copy tensors into every parameter and persistent buffer of `module`, exactly once.
+
+    `sources` yields (our name, zero-argument reader). Tensors are cast to the module's dtype; a
+    1x1-conv weight fills a linear one (LDM's VAE attention is 1x1 convs, diffusers' linear layers).
+    """
+    targets = module.state_dict(keep_vars=True)
+    missing = set(targets)
+    for name, read in sources:
+        if name not in targets:
+            raise UserError(f"unknown {what} architecture: unexpected tensor {name}")
+        dst, src = targets[name], read()
+        if tuple(src.shape) != tuple(dst.shape):
+            if src.dim() == 4 and src.shape[2:] == (1, 1) and tuple(src.shape[:2]) == tuple(dst.shape):
+                src = src[:, :, 0, 0]
+            else:
+                raise UserError(f"{what} tensor {name} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+        dst.copy_(src)
+        missing.discard(name)
+    if missing:
+        raise UserError(f"{what} weights are incomplete: {len(missing)} tensors missing, e.g. "
+                        + ", ".join(sorted(missing)[:3]))
+    return module
+
+
+def _load_text(sd_tensors, version, dtype, device, config=None):
+    """transformers' CLIPTextModel from (HF-named) tensors; `config` from a folder, else inferred."""
+    from transformers import CLIPTextModel
+
+    if config is None:
+        config = text_config_from_state_dict(sd_tensors, version)
+    with torch.device("meta"):
+        model = CLIPTextModel(config)
+    model = model.to(dtype).to_empty(device=device)
+    tensors = match_text_prefix(sd_tensors, model)  # `text_model.` or not, position_ids dropped
+    fill(model, ((k, lambda v=v: v) for k, v in tensors.items()), "text encoder")
+    for m in model.modules():  # to_empty left the non-persistent position ids uninitialised
+        if isinstance(getattr(m, "position_ids", None), torch.Tensor):
+            m.position_ids.copy_(torch.arange(m.position_ids.shape[-1], device=device))
+    return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The two layouts
+
+def _load_single_file(path, dtype, device):
+    f = SafetensorsFile(path)
+    shapes = f.shapes
+    if any(k.startswith("lora_unet_") or k.startswith("lora_te_") for k in shapes):
+        raise UserError(f"{path} is a LoRA file, not a model: pass it with --lora")
+    if any(k.startswith("conditioner.embedders.") for k in shapes):
+        raise UserError(f"{path} is an SDXL checkpoint; only Stable Diffusion 1.x and 2.x are supported")
+    part = lambda prefix: {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
+    unet_shapes, vae_shapes = part(UNET_PREFIX), part(VAE_PREFIX)
+    if not unet_shapes or not vae_shapes:
+        raise UserError(f"{path} is not a Stable Diffusion checkpoint: no {UNET_PREFIX if not unet_shapes else VAE_PREFIX}* "
+                        "tensors (a UNet- or VAE-only file cannot be loaded alone)")
+
+    def load_part(cls, cfg, prefix, part_shapes, table, what):
+        module = _build(cls, cfg, dtype, device)
+        sources = []
+        for key in part_shapes:
+            ours = rename(key, table)
+            if ours is None:
+                raise UserError(f"unknown {what} architecture: no rename for {prefix}{key}")
+            sources.append((ours, lambda k=prefix + key: f.read(k)))
+        return fill(module, sources, what).eval().requires_grad_(False)
+
+    unet_cfg, vae_cfg = infer_unet_config(unet_shapes), infer_vae_config(vae_shapes)
+    unet = load_part(UNet2DConditionModel, unet_cfg, UNET_PREFIX, unet_shapes, unet_rename_table(unet_cfg), "UNet")
+    vae = load_part(AutoencoderKL, vae_cfg, VAE_PREFIX, vae_shapes, vae_rename_table(vae_cfg), "VAE")
+    version = "sd2" if unet_cfg.use_linear_projection else "sd1"
+    if any(k.startswith(OPEN_CLIP_PREFIX) for k in shapes):
+        text_sd = convert_open_clip({k[len(OPEN_CLIP_PREFIX):]: f.read(k) for k in shapes if k.startswith(OPEN_CLIP_PREFIX)})
+    elif any(k.startswith(HF_CLIP_PREFIX) for k in shapes):
+        text_sd = {k[len(HF_CLIP_PREFIX):]: f.read(k) for k in shapes if k.startswith(HF_CLIP_PREFIX)}
+    else:
+        raise UserError(f"{path} has no text encoder ({HF_CLIP_PREFIX}* or {OPEN_CLIP_PREFIX}*)")
+    text_encoder = _load_text(text_sd, version, dtype, device)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(version), version=version,
+                prediction_type=_single_file_prediction_type(path, version), scheduler_config={})
+
+
+def _single_file_prediction_type(path, version):
+    if version == "sd1":
+        return "epsilon"
+    yaml = path.with_suffix(".yaml")
+    if yaml.exists():
+        return "v_prediction" if re.search(r"parameterization:\s*[\"']?v[\"']?\s*$", yaml.read_text(), re.M) else "epsilon"
+    return "epsilon" if re.search(r"512|base", path.name, re.I) else "v_prediction"
+
+
+def _weights_file(folder):
+    """The one safetensors weight file of a diffusers component folder."""
+    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors",
+                 "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors"):
+        if (folder / name).exists():
+            return SafetensorsFile(folder / name)
+    if any(folder.glob("*.bin")) or any(folder.glob("*.ckpt")):
+        raise UserError(f"{folder}: {PICKLE_HINT}")
+    raise UserError(f"{folder} has no .safetensors weights")
+
+
+def _read_json(path):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: the diffusers folder is incomplete") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+
+
+def _load_folder(path, dtype, device):
+    def load_part(cls, cfg_cls, sub, what):
+        f = _weights_file(path / sub)
+        module = _build(cls, cfg_cls.from_diffusers(_read_json(path / sub / "config.json")), dtype, device)
+        return fill(module, ((k, lambda k=k: f.read(k)) for k in f.entries), what).eval().requires_grad_(False)
+
+    unet = load_part(UNet2DConditionModel, UNetConfig, "unet", "UNet")
+    vae = load_part(AutoencoderKL, VAEConfig, "vae", "VAE")
+    version = "sd2" if unet.config.use_linear_projection else "sd1"
+    f = _weights_file(path / "text_encoder")
+    text_config = text_config_from_json(_read_json(path / "text_encoder" / "config.json"))
+    text_encoder = _load_text({k: f.read(k) for k in f.entries}, version, dtype, device, text_config)
+    tokenizer_dir = path / "tokenizer"
+    scheduler_config = {}
+    if (path / "scheduler" / "scheduler_config.json").exists():
+        scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder,
+                tokenizer=load_tokenizer(version, tokenizer_dir if tokenizer_dir.is_dir() else None),
+                version=version, prediction_type=scheduler_config.get("prediction_type", "epsilon"),
+                scheduler_config=scheduler_config)
+
+
+def load(path, dtype=torch.float32, device="cpu", prediction_type=None):
+    """Load a Stable Diffusion 1.x / 2.x checkpoint: a single LDM `.safetensors` file or a diffusers folder.
+
+    Weights stored in fp16/bf16 are cast to `dtype`. Extra tensors (DDPM buffers, `model_ema.*`) are
+    ignored; missing or mis-shaped ones raise UserError naming them.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"model not found: {path} (see weights/README.md for where to get one)")
+    if prediction_type not in (None, *PREDICTION_TYPES):
+        raise UserError(f"prediction type must be one of {', '.join(PREDICTION_TYPES)}, not {prediction_type!r}")
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise UserError(f"{path} is a folder but not a diffusers model folder (no model_index.json); "
+                            "pass a .safetensors file or a diffusers folder")
+        parts = _load_folder(path, dtype, device)
+    elif path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+        raise UserError(f"{path}: {PICKLE_HINT}")
+    else:
+        parts = _load_single_file(path, dtype, device)
+    if prediction_type is not None:
+        parts["prediction_type"] = prediction_type
+    if parts["prediction_type"] not in PREDICTION_TYPES:
+        raise UserError(f"{path}: unsupported prediction type {parts['prediction_type']!r}")
+    return StableDiffusion(**parts, name=path.stem if path.is_file() else path.name)
+
+
+def find_default_model(folder="weights"):
+    """The one model in `folder` (a .safetensors file or a diffusers folder), for commands run without --model."""
+    folder = Path(folder)
+    found = sorted(p for p in folder.glob("*.safetensors")) + sorted(p.parent for p in folder.glob("*/model_index.json"))
+    hint = ("put a Stable Diffusion checkpoint there, e.g. v1-5-pruned-emaonly.safetensors "
+            "(see weights/README.md), or pass --model PATH")
+    if not found:
+        raise UserError(f"no model found in {folder}/: {hint}")
+    if len(found) > 1:
+        raise UserError(f"several models in {folder}/ ({', '.join(p.name for p in found)}): choose one with --model")
+    return found[0]

@@ -1,0 +1,154 @@
+"""Instance images -> tensors in [-1, 1] -> cached VAE latents.
+
+DreamBooth fine-tunes on 3-5 photos of one subject, so we decode and encode them once: the VAE
+posterior N(mean, std^2) of each image (and of its mirror image, for random flips) is stored, and
+every step draws a fresh latent z = (mean + std * eps) * scaling_factor, as LDM's training does.
+"""
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+
+from .errors import UserError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def find_images(folder):
+    """Image files directly in `folder`, sorted by name (hidden files such as macOS '._x.jpg' skipped)."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+
+
+def _gray_to_8bit(img):
+    """16-bit / 32-bit / float grayscale -> 'L'. Pillow's own convert('L') clips these instead of scaling."""
+    if img.mode.startswith("I;16"):
+        img, top = img.convert("I"), 65535.0  # the mode says 16-bit, whatever the values
+    else:
+        top = None
+    raw = img.tobytes()  # 'I': native int32, 'F': native float32
+    x = torch.frombuffer(bytearray(raw), dtype=torch.int32 if img.mode == "I" else torch.float32).double()
+    if top is None:  # 'I' or 'F' does not say its range: infer it from the data
+        peak = x.max().item() if x.numel() else 0.0
+        top = 1.0 if img.mode == "F" and peak <= 1.0 else 255.0 if peak <= 255 else 65535.0
+    x = (x / top).clamp(0, 1).mul(255).round().to(torch.uint8)  # a fresh tensor: its storage is x
+    return Image.frombytes("L", img.size, bytes(x.untyped_storage()))
+
+
+def to_rgb(img):
+    """Any PIL image -> 8-bit RGB. Transparent pixels become white (not black, Pillow's default)."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = _gray_to_8bit(img)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")  # L, P, 1, CMYK, YCbCr, RGB
+
+
+def load_image(path, resolution):
+    """(image [3, R, R] float in [-1, 1], warning or None).
+
+    EXIF orientation is applied (phones store rotated pixels plus a flag), the short side is resized
+    to R with Lanczos (antialiased when shrinking) and the centre square is kept. Resizing straight
+    from the crop box of the original does both in one resampling step.
+    """
+    with Image.open(path) as im:
+        im.load()
+        img = to_rgb(ImageOps.exif_transpose(im))
+    w, h = img.size
+    s = min(w, h)
+    box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+    img = img.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box)
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
+    x = x.permute(2, 0, 1).float() / 127.5 - 1.0  # [0, 255] -> [-1, 1], the VAE's input range
+    warning = None
+    if s < resolution:
+        warning = f"{Path(path).name} is {w}x{h}, smaller than {resolution}x{resolution}: upscaled, may look soft"
+    return x, warning
+
+
+def caption_for(path, prompt):
+    """`name.txt` beside `name.jpg` (stripped) if present and non-empty, else the instance prompt."""
+    txt = Path(path).with_suffix(".txt")
+    if txt.is_file():
+        text = txt.read_text(encoding="utf-8", errors="replace").strip()
+        if text:
+            return text
+    return prompt
+
+
+def load_instance_images(folder, resolution, prompt):
+    """(images [N, 3, R, R] in [-1, 1], captions [N], warnings [str]) from a folder of photos.
+
+    Unreadable files are skipped with a warning as long as one image is readable; otherwise, and
+    for a missing / empty folder, a UserError says what is wrong in one line.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise UserError(f"instance image folder {folder} does not exist")
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder (pass the folder that holds the instance images)")
+    paths = find_images(folder)
+    if not paths:
+        raise UserError(f"{folder} holds no images ({', '.join(IMAGE_EXTS)})")
+    images, captions, warnings, failed = [], [], [], []
+    for p in paths:
+        try:
+            x, warning = load_image(p, resolution)
+        except Exception as e:  # any decoder failure (truncated, not an image, decompression bomb...)
+            failed.append(f"{p.name} ({type(e).__name__}: {e})")
+            continue
+        images.append(x)
+        captions.append(caption_for(p, prompt))
+        if warning:
+            warnings.append(warning)
+    if not images:
+        raise UserError(f"none of the {len(paths)} images in {folder} could be read, e.g. {failed[0]}")
+    warnings += [f"skipped unreadable image {f}" for f in failed]
+    return torch.stack(images), captions, warnings
+
+
+# ---------------------------------------------------------------------------------------------
+# latent cache
+
+@torch.no_grad()
+def encode_latents(vae, images, batch_size=4):
+    """(mean, std) of the VAE posterior q(z|x) = N(mean, std^2) per image, fp32, on the VAE's device.
+
+    std = exp(logvar / 2). Encoded once: the VAE is frozen during DreamBooth.
+    """
+    p = next(vae.parameters())
+    means, stds = [], []
+    for i in range(0, len(images), batch_size):
+        mean, logvar = vae.encode(images[i:i + batch_size].to(p.device, p.dtype))
+        means.append(mean.float())
+        stds.append(torch.exp(0.5 * logvar.float()))
+    return torch.cat(means), torch.cat(stds)
+
+
+class LatentCache:
+    """Posterior of each image and of its mirror image; sample() draws training latents.
+
+    Flipping a cached latent is not the latent of the flipped image (the VAE is not mirror
+    symmetric), so the mirror images are encoded too and one of the two is picked per step.
+    """
+
+    def __init__(self, vae, images, batch_size=4, flip=True):
+        self.scaling_factor = vae.scaling_factor
+        views = [images, images.flip(-1)] if flip else [images]
+        pairs = [encode_latents(vae, v, batch_size) for v in views]
+        self.mean = torch.stack([m for m, _ in pairs], 1)  # [N, views, 4, h, w]
+        self.std = torch.stack([s for _, s in pairs], 1)
+
+    def __len__(self):
+        return self.mean.shape[0]
+
+    def sample(self, index, generator=None):
+        """z = (mean + std * eps) * scaling_factor for images `index` (a LongTensor), random view each."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        gdev = generator.device if generator is not None else self.mean.device
+        view = torch.randint(self.mean.shape[1], (len(index),), generator=generator, device=gdev).cpu()
+        mean, std = self.mean[index, view], self.std[index, view]
+        eps = torch.randn(mean.shape, generator=generator, device=gdev).to(mean.device)
+        return (mean + std * eps) * self.scaling_factor

@@ -1,0 +1,40 @@
+"""The loaded Stable Diffusion model: UNet, VAE, text encoder and tokenizer, and what kind it is."""
+from dataclasses import dataclass, field
+
+import torch
+
+from .text import encode_prompt
+
+
+@dataclass
+class StableDiffusion:
+    unet: torch.nn.Module  # eps or v prediction from (x_t, t, text context)
+    vae: torch.nn.Module  # image <-> latent; latents are scaled by vae.scaling_factor outside it
+    text_encoder: torch.nn.Module  # transformers CLIPTextModel
+    tokenizer: object  # transformers CLIPTokenizer
+    version: str  # "sd1" | "sd2"
+    prediction_type: str  # "epsilon" | "v_prediction"
+    scheduler_config: dict = field(default_factory=dict)  # a diffusers folder's scheduler config, else {}
+    name: str = "model"  # file or folder name, recorded in images and LoRA files
+
+    def encode_prompt(self, prompts):
+        """Text context [B, 77, C] for a list of prompts (the UNet's cross-attention input)."""
+        return encode_prompt(self.tokenizer, self.text_encoder, list(prompts))
+
+    @property
+    def default_resolution(self):
+        """Image side the model was trained at: 768 for the SD 2.x v-models, else 512."""
+        return 768 if self.version == "sd2" and self.prediction_type == "v_prediction" else 512
+
+    @property
+    def device(self):
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.unet.parameters()).dtype
+
+    def to(self, device=None, dtype=None):
+        for m in (self.unet, self.vae, self.text_encoder):
+            m.to(device=device, dtype=dtype)
+        return self

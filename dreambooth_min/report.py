@@ -1,0 +1,87 @@
+"""What a training run leaves behind for a person to look at: log.jsonl, loss.png, the sample grid.
+
+Drawn with pillow alone (no matplotlib). Every file is written atomically.
+"""
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from .sampling import save_png
+
+
+def write_text_atomic(path, text):
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path):
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(records, path, size=(800, 400), smoothing=0.9):
+    """Loss per step (grey) and its exponential moving average (blue), on a log-free linear axis."""
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    pts = [(r["step"], r["loss"]) for r in records if math.isfinite(r.get("loss", float("nan")))]
+    left, right, top, bottom = 60, w - 20, 20, h - 40
+    draw.rectangle([left, top, right, bottom], outline="black")
+    if pts:
+        steps, losses = zip(*pts)
+        s0, s1 = min(steps), max(max(steps), min(steps) + 1)
+        l0, l1 = min(losses), max(losses)
+        l1 = l1 if l1 > l0 else l0 + 1e-8
+        xy = lambda s, v: (left + (s - s0) / (s1 - s0) * (right - left), bottom - (v - l0) / (l1 - l0) * (bottom - top))
+        ema, smooth = losses[0], []
+        for v in losses:
+            ema = smoothing * ema + (1 - smoothing) * v
+            smooth.append(ema)
+        if len(pts) > 1:
+            draw.line([xy(s, v) for s, v in pts], fill=(190, 190, 190), width=1)
+            draw.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(30, 90, 200), width=2)
+        draw.text((5, top), f"{l1:.4f}", fill="black")
+        draw.text((5, bottom - 10), f"{l0:.4f}", fill="black")
+        draw.text((left, bottom + 8), f"step {s0}", fill="black")
+        draw.text((right - 80, bottom + 8), f"step {s1}", fill="black")
+    draw.text((left + 10, top + 5), "training loss (grey) and its moving average (blue)", fill="black")
+    save_png(img, path)
+
+
+def labelled_row(images, label, label_width=110):
+    """Images side by side with a label column on the left (one row of the epoch table)."""
+    w, h = images[0].size
+    row = Image.new("RGB", (label_width + w * len(images), h), "white")
+    ImageDraw.Draw(row).text((8, h // 2 - 6), label, fill="black")
+    for i, im in enumerate(images):
+        row.paste(im, (label_width + i * w, 0))
+    return row
+
+
+def stack_rows(paths, out):
+    """The rows in `paths` stacked top to bottom (the "samples at different epochs" table)."""
+    rows = [Image.open(p).convert("RGB") for p in paths]
+    grid = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
+    y = 0
+    for r in rows:
+        grid.paste(r, (0, y))
+        y += r.height
+    save_png(grid, out)

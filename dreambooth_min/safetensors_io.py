@@ -1,0 +1,89 @@
+"""Read and write .safetensors files tensor by tensor.
+
+We read with plain `readinto` instead of safetensors' mmap: pages of a mapped file count towards the
+process's resident memory, so an fp16 checkpoint loaded into fp32 modules would briefly hold 1.5x the
+model. Reading one tensor at a time keeps the peak at the model plus its largest tensor.
+The format: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
+then the raw little-endian tensor bytes.
+"""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import UserError
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+PICKLE_HINT = ("it is a pickle checkpoint (.ckpt/.pt/.bin), which dreambooth_min never opens because "
+               "unpickling can run code: convert it to .safetensors once (README, 'Weights')")
+
+
+def _is_pickle(head):
+    # torch.save writes a zip archive ("PK"); older files are raw pickles (protocol byte 0x80). A
+    # safetensors header length can start with 0x80 too, so this is asked only when byte 8 is not '{'.
+    return head[:2] == b"PK" or head[:1] == b"\x80"
+
+
+class SafetensorsFile:
+    """Header of a .safetensors file, with `shapes`, `metadata` and `read(name)`."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(9)
+            n = int.from_bytes(head[:8], "little") if len(head) == 9 else -1
+            if (not 0 < n <= min(size - 8, 100 << 20) or head[8:9] != b"{") and _is_pickle(head):
+                raise UserError(f"{self.path}: {PICKLE_HINT}")
+            f.seek(8)
+            if not 0 < n <= min(size - 8, 100 << 20):
+                raise UserError(f"{self.path} is not a .safetensors file (bad header; truncated or another format?)")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise UserError(f"{self.path} is not a .safetensors file (its header is not JSON)") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.entries = header
+        self.data_start = 8 + n
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self.data_start + end > size:
+            raise UserError(f"{self.path} is truncated: its header needs {self.data_start + end} bytes, "
+                            f"the file has {size} (download it again)")
+        unknown = {e["dtype"] for e in header.values()} - DTYPES.keys()
+        if unknown:
+            raise UserError(f"{self.path} holds tensors of unsupported dtype {sorted(unknown)}")
+
+    @property
+    def shapes(self):
+        return {k: tuple(e["shape"]) for k, e in self.entries.items()}
+
+    def read(self, name):
+        """The tensor `name` in its stored dtype, on the CPU, in memory of its own."""
+        e = self.entries[name]
+        start, end = e["data_offsets"]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + start)
+            if f.readinto(buf.numpy()) != end - start:
+                raise UserError(f"{self.path} is truncated at tensor {name}")
+        return buf.view(DTYPES[e["dtype"]]).reshape(e["shape"])
+
+
+def save_atomic(tensors, path, metadata=None):
+    """Write a .safetensors file so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

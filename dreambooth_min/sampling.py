@@ -1,0 +1,166 @@
+"""Text-to-image sampling: classifier-free guidance around a UNet, the DDIM loop, VAE decoding, PNG files.
+
+Seeds are portable: image i of a call with seed s starts from
+    x_T = torch.randn((1, C, H/8, W/8), generator=torch.Generator("cpu").manual_seed(s + i))  (float32)
+which is what diffusers' StableDiffusionPipeline draws for generator=[torch.Generator().manual_seed(s + i), ...]
+(DDIM's initial noise sigma is 1), so on the CPU in fp32 both tools make the same image.
+"""
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin
+from tqdm.auto import tqdm
+
+from .errors import UserError
+from .scheduler import TIMESTEP_SPACINGS, ddim_step, ddim_timesteps
+
+# What a diffusers folder's scheduler/scheduler_config.json may say about DDIM, and the released SD
+# configs' values used for single files and for keys a folder leaves out.
+DDIM_DEFAULTS = dict(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+# Settings a config may hold that our fixed schedule does not follow: warn rather than silently differ.
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   trained_betas=None, thresholding=False, rescale_betas_zero_snr=False)
+
+
+def ddim_options(scheduler_config):
+    """The DDIM settings of a model: its folder's scheduler config over the released SD defaults."""
+    opts = {k: scheduler_config.get(k, v) for k, v in DDIM_DEFAULTS.items()}
+    if opts["timestep_spacing"] not in TIMESTEP_SPACINGS:
+        raise UserError(f"scheduler config: timestep_spacing {opts['timestep_spacing']!r} is not one of "
+                        + ", ".join(TIMESTEP_SPACINGS))
+    odd = {k: scheduler_config[k] for k, v in SD_SCHEDULE.items() if scheduler_config.get(k, v) != v}
+    if odd:
+        warnings.warn(f"scheduler config {odd} ignored: sampling with SD's scaled_linear schedule {SD_SCHEDULE}")
+    return opts
+
+
+def guided_prediction(unet, x, t, context, guidance):
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6): out = u + w (c - u).
+
+    `context` is [uncond; cond] (2B rows), so both halves run in one UNet batch. With w <= 1 there is
+    no unconditional half (as diffusers: w = 1 is the plain conditional model).
+    """
+    if guidance <= 1:
+        return unet(x, t, context)
+    uncond, cond = unet(torch.cat([x, x]), t, context).chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
+def _gaussian(generators, shape, like):
+    """One float32 draw of `shape` [1, ...] per CPU generator, stacked and moved next to `like`."""
+    return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]).to(like.device)
+
+
+@torch.no_grad()
+def ddim_sample(unet, x_T, context, steps=50, guidance=7.5, eta=0.0, prediction_type="epsilon",
+                generators=None, progress=True, timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False,
+                clip_sample=False):
+    """Run DDIM from x_T [B, C, h, w] down to x_0 (float32), guiding the UNet with `context` [2B or B, 77, D].
+
+    The UNet runs in its own dtype (fp16 on CUDA); the DDIM arithmetic stays in float32. With eta > 0
+    the per-step noise z comes from `generators` (one per image, continuing after x_T, as diffusers).
+    """
+    x = x_T.float()
+    unet_dtype = next(unet.parameters()).dtype
+    ts = ddim_timesteps(steps, timestep_spacing, steps_offset)
+    for t, t_prev in zip(tqdm(ts, desc="DDIM", disable=not progress), ts[1:] + [-1]):
+        out = guided_prediction(unet, x.to(unet_dtype), t, context, guidance).float()
+        z = _gaussian(generators, (1,) + x.shape[1:], x) if eta > 0 else None
+        x = ddim_step(x, out, t, t_prev, prediction_type, eta, z, set_alpha_to_one, clip_sample)
+    return x
+
+
+def vae_scale_factor(sd):
+    """Pixels per latent: the VAE halves the resolution at every level but the last."""
+    return 2 ** (len(sd.vae.config.block_out_channels) - 1)
+
+
+@torch.no_grad()
+def decode(sd, latents):
+    """Latents -> uint8 images [B, H, W, 3]: undo the latent scaling, decode, then map [-1, 1] -> [0, 255]."""
+    vae_dtype = next(sd.vae.parameters()).dtype
+    x = sd.vae.decode((latents / sd.vae.scaling_factor).to(vae_dtype)).float()
+    x = (x / 2 + 0.5).clamp(0, 1)
+    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def check_size(height, width, factor=8):
+    for name, v in (("height", height), ("width", width)):
+        if v <= 0 or v % factor:
+            raise UserError(f"{name} must be a positive multiple of {factor}, not {v}")
+
+
+@torch.no_grad()
+def generate(sd, prompt, negative_prompt="", num_images=1, steps=50, guidance=7.5, seed=0, height=None, width=None,
+             eta=0.0, progress=True, batch_size=4):
+    """Images (PIL) for `prompt`, image i from seed `seed + i`. Sizes default to the model's training size.
+
+    Images are made `batch_size` at a time; each has its own generator, so batching does not change them.
+    """
+    height = sd.default_resolution if height is None else height
+    width = sd.default_resolution if width is None else width
+    factor = vae_scale_factor(sd)
+    check_size(height, width, factor)
+    if num_images < 1 or eta < 0:
+        raise UserError(f"need num_images >= 1 and eta >= 0, not {num_images} and {eta}")
+    opts = ddim_options(sd.scheduler_config)
+    try:
+        ddim_timesteps(steps, opts["timestep_spacing"], opts["steps_offset"])
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    uncond, cond = sd.encode_prompt([negative_prompt, prompt]).chunk(2)
+    shape = (1, sd.unet.config.in_channels, height // factor, width // factor)
+    images = []
+    for first in range(0, num_images, batch_size):
+        n = min(batch_size, num_images - first)
+        generators = [torch.Generator("cpu").manual_seed(seed + first + i) for i in range(n)]
+        x_T = _gaussian(generators, shape, cond)
+        context = torch.cat([uncond.repeat(n, 1, 1), cond.repeat(n, 1, 1)]) if guidance > 1 else cond.repeat(n, 1, 1)
+        x_0 = ddim_sample(sd.unet, x_T, context, steps, guidance, eta, sd.prediction_type, generators, progress, **opts)
+        images += [Image.fromarray(a.numpy()) for a in decode(sd, x_0)]
+    return images
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files
+
+def parameters_text(prompt, negative_prompt, steps, guidance, seed, width, height, model, eta, lora=None):
+    """The settings in A1111's "parameters" format, so an image says how to make it again."""
+    lines = [prompt] + ([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])
+    settings = f"Steps: {steps}, Sampler: DDIM, CFG scale: {guidance}, Seed: {seed}, Size: {width}x{height}, " \
+               f"Model: {model}, Eta: {eta}"
+    if lora:
+        settings += f", LoRA: {lora}"
+    return "\n".join(lines + [settings])
+
+
+def save_png(image, path, parameters=None):
+    """Write `image` as a PNG with a "parameters" text chunk, atomically (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    if parameters:
+        info.add_text("parameters", parameters)  # becomes an iTXt chunk when the text is not Latin-1
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def image_grid(images):
+    """The images tiled row by row in a near-square grid."""
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid

@@ -1,0 +1,103 @@
+"""Make images with a Stable Diffusion 1.x / 2.x checkpoint (optionally with a LoRA) and the DDIM sampler.
+
+    python sample.py --model weights/v1-5-pruned-emaonly.safetensors --prompt "a photo of sks dog" --out out.png
+
+Each PNG carries its prompt, seed and settings in an A1111-style "parameters" text chunk. With
+--num-images N the images use seeds seed, seed+1, ... and are saved as out-0.png, out-1.png, ... beside a
+grid out.png. On the CPU in fp32 a seed gives the same image as diffusers' StableDiffusionPipeline with
+DDIMScheduler and generator=torch.Generator().manual_seed(seed).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import dreambooth_min
+from dreambooth_min.errors import UserError
+from dreambooth_min.lora import apply_lora, load_lora
+from dreambooth_min.sampling import check_size, generate, image_grid, parameters_text, save_png
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a .safetensors checkpoint or a diffusers folder (default: the one model in weights/)")
+    p.add_argument("--prompt", required=True, help="what to draw; may be empty")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (default: empty)")
+    p.add_argument("--out", default="out.png", help="output PNG (default: out.png)")
+    p.add_argument("--num-images", type=int, default=1, help="images to make, seeds seed, seed+1, ... (default: 1)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
+    p.add_argument("--guidance", type=float, default=7.5,
+                   help="classifier-free guidance scale; <= 1 turns it off (default: 7.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image (default: 0)")
+    p.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: 768 for SD 2.x v-models, else 512)")
+    p.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: as --height's default)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like noise (default: 0)")
+    p.add_argument("--lora", help="a LoRA .safetensors file (kohya / diffusers format) to apply")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA (default: 1.0)")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
+                   help="override what the UNet predicts (for SD 2.x single files the name decides otherwise)")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="weights' precision (default: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per UNet batch (default: 4)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def numbered(out, i):
+    """out.png -> out-0.png, out-1.png, ..."""
+    return out.with_name(f"{out.stem}-{i}{out.suffix}")
+
+
+def run(args):
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out must be a .png file, not {out}")
+    if args.height is not None or args.width is not None:  # fail before spending time loading the model
+        check_size(8 if args.height is None else args.height, 8 if args.width is None else args.width)
+    if args.num_images < 1 or args.batch_size < 1 or args.steps < 1:
+        raise UserError("--num-images, --batch-size and --steps must be at least 1")
+    if args.eta < 0:
+        raise UserError(f"--eta must be >= 0, not {args.eta}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but CUDA is not available: use --device cpu")
+    dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
+
+    model_path = args.model or dreambooth_min.find_default_model()
+    sd = dreambooth_min.load(model_path, dtype=dtype, device=device, prediction_type=args.prediction_type)
+    lora = None
+    if args.lora:
+        apply_lora(sd.unet, sd.text_encoder, load_lora(args.lora)[0], scale=args.lora_scale)
+        lora = f"{Path(args.lora).stem}:{args.lora_scale}"
+    height = sd.default_resolution if args.height is None else args.height
+    width = sd.default_resolution if args.width is None else args.width
+
+    images = generate(sd, args.prompt, args.negative_prompt, args.num_images, args.steps, args.guidance, args.seed,
+                      height, width, args.eta, progress=not args.no_progress, batch_size=args.batch_size)
+    params = lambda seed: parameters_text(args.prompt, args.negative_prompt, args.steps, args.guidance, seed,
+                                          width, height, sd.name, args.eta, lora)
+    if len(images) == 1:
+        save_png(images[0], out, params(args.seed))
+        print(f"saved {out}")
+        return
+    for i, im in enumerate(images):
+        save_png(im, numbered(out, i), params(args.seed + i))
+    save_png(image_grid(images), out, params(args.seed))
+    print(f"saved {numbered(out, 0)} ... {numbered(out, len(images) - 1)} and the grid {out}")
+
+
+def main(argv=None):
+    """Exit status: 0, or 2 after one `error: ...` line for bad input (no traceback)."""
+    try:
+        run(parse_args(argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

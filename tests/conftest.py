@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny seeded SD 1.x and 2.x models saved in both layouts, built once per session."""
+import pytest
+import torch
+
+torch.set_num_threads(1)  # tiny models: threads only add overhead (and CI has 2 cores)
+
+
+def _tiny(tmp_path_factory, version):
+    from tiny import make_pipeline, save_folder, save_single_file
+
+    root = tmp_path_factory.mktemp(f"tiny_{version}")
+    pipe = make_pipeline(version)
+    return dict(pipe=pipe, folder=save_folder(pipe, root / "folder"),
+                single=save_single_file(pipe, root / f"tiny-{version}.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory):
+    return _tiny(tmp_path_factory, "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory):
+    return _tiny(tmp_path_factory, "sd2")

@@ -1,0 +1,228 @@
+"""Loading: both layouts, parity with diffusers/transformers on the same weights, detection, bad input."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import dreambooth_min
+from dreambooth_min import UserError, find_default_model, load
+from dreambooth_min.checkpoint import infer_unet_config, rename, unet_rename_table, unrename, vae_rename_table
+from dreambooth_min.unet import UNetConfig
+from dreambooth_min.vae import VAEConfig
+from tiny import make_pipeline, save_single_file
+
+TOL = 1e-4
+
+
+def maxdiff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.fixture(params=["sd1", "sd2"])
+def tiny(request):
+    return request.getfixturevalue(f"tiny_{request.param}")
+
+
+@pytest.mark.parametrize("layout", ["single", "folder"])
+def test_unet_vae_text_match_reference(tiny, layout):
+    pipe, sd = tiny["pipe"], load(tiny[layout])
+    g = torch.Generator().manual_seed(0)
+    ctx_dim = pipe.unet.config.cross_attention_dim
+    x, ctx = torch.randn(2, 4, 16, 24, generator=g), torch.randn(2, 77, ctx_dim, generator=g)
+    t = torch.tensor([999, 37])
+    with torch.no_grad():
+        assert maxdiff(sd.unet(x, t, ctx), pipe.unet(x, t, encoder_hidden_states=ctx).sample) <= TOL
+        img = torch.rand(1, 3, 64, 96, generator=g) * 2 - 1
+        mean, logvar = sd.vae.encode(img)
+        ref = pipe.vae.encode(img).latent_dist
+        assert maxdiff(mean, ref.mean) <= TOL and maxdiff(logvar, ref.logvar) <= TOL
+        z = torch.randn(1, 4, 8, 12, generator=g)
+        assert maxdiff(sd.vae.decode(z), pipe.vae.decode(z).sample) <= TOL
+        ids = pipe.tokenizer(["a photo of sks dog", "a red cube on a table"], padding="max_length", max_length=77,
+                             return_tensors="pt").input_ids
+        assert maxdiff(sd.text_encoder(ids).last_hidden_state, pipe.text_encoder(ids).last_hidden_state) <= TOL
+        ours = sd.encode_prompt(["a photo of sks dog"])
+        assert ours.shape == (1, 77, ctx_dim) and maxdiff(ours, pipe.text_encoder(ids[:1])[0]) <= TOL
+    assert sd.vae.scaling_factor == pytest.approx(0.18215)
+
+
+def test_single_file_and_folder_give_identical_tensors(tiny):
+    a, b = load(tiny["single"]), load(tiny["folder"])
+    assert a.version == b.version
+    for name in ("unet", "vae", "text_encoder"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), (name, k)
+
+
+def test_version_and_prediction_type(tiny_sd1, tiny_sd2, tmp_path):
+    assert (load(tiny_sd1["single"]).version, load(tiny_sd1["single"]).prediction_type) == ("sd1", "epsilon")
+    assert (load(tiny_sd2["single"]).version, load(tiny_sd2["single"]).prediction_type) == ("sd2", "v_prediction")
+    assert load(tiny_sd2["folder"]).prediction_type == "v_prediction"  # from scheduler_config.json
+    assert load(tiny_sd2["folder"]).scheduler_config["steps_offset"] == 1
+    base = tmp_path / "v2-1_512-ema-pruned.safetensors"
+    shutil.copy(tiny_sd2["single"], base)
+    assert load(base).prediction_type == "epsilon"  # 512-base models are epsilon
+    assert load(base).default_resolution == 512
+    yaml = tmp_path / "mine.yaml"
+    shutil.copy(tiny_sd2["single"], tmp_path / "mine.safetensors")
+    yaml.write_text('model:\n  params:\n    parameterization: "v"\n')
+    assert load(tmp_path / "mine.safetensors").prediction_type == "v_prediction"
+    yaml.write_text("model:\n  params:\n    linear_start: 0.00085\n")
+    assert load(tmp_path / "mine.safetensors").prediction_type == "epsilon"
+    assert load(base, prediction_type="v_prediction").prediction_type == "v_prediction"
+    assert load(tiny_sd2["single"]).default_resolution == 768
+    with pytest.raises(UserError, match="prediction type"):
+        load(base, prediction_type="sample")
+
+
+def test_half_precision_files_load_into_requested_dtype(tiny_sd1, tmp_path):
+    half = save_single_file(tiny_sd1["pipe"], tmp_path / "half.safetensors", dtype=torch.float16)
+    sd = load(half)
+    w = sd.unet.conv_in.weight
+    assert w.dtype == torch.float32
+    assert torch.equal(w, tiny_sd1["pipe"].unet.conv_in.weight.half().float())
+    sd = load(half, dtype=torch.bfloat16)
+    assert {p.dtype for m in (sd.unet, sd.vae, sd.text_encoder) for p in m.parameters()} == {torch.bfloat16}
+
+
+def _meta(cls, cfg):
+    with torch.device("meta"):
+        return cls(cfg)
+
+
+@pytest.mark.parametrize("which", ["unet-sd1", "unet-sd2", "vae"])
+def test_rename_table_is_one_to_one_and_reversible(which):
+    from dreambooth_min.unet import UNet2DConditionModel
+    from dreambooth_min.vae import AutoencoderKL
+
+    if which == "vae":
+        cfg, table_fn, model = VAEConfig(), vae_rename_table, _meta(AutoencoderKL, VAEConfig())
+    else:
+        cfg = UNetConfig.sd1() if which == "unet-sd1" else UNetConfig.sd2()
+        table_fn, model = unet_rename_table, _meta(UNet2DConditionModel, cfg)
+    table = table_fn(cfg)
+    ours = list(model.state_dict())
+    ldm = [unrename(k, table) for k in ours]
+    assert None not in ldm and len(set(ldm)) == len(ldm)
+    assert [rename(k, table) for k in ldm] == ours
+
+
+@pytest.mark.parametrize("cfg", [UNetConfig.sd1(), UNetConfig.sd2()], ids=["sd1", "sd2"])
+def test_config_inferred_from_real_shapes(cfg):
+    from dreambooth_min.unet import UNet2DConditionModel
+
+    table = unet_rename_table(cfg)
+    shapes = {unrename(k, table): tuple(v.shape) for k, v in _meta(UNet2DConditionModel, cfg).state_dict().items()}
+    got = infer_unet_config(shapes)
+    as_tuple = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
+    for field in ("block_out_channels", "layers_per_block", "attention_levels", "num_attention_heads",
+                  "attention_head_dim", "cross_attention_dim", "use_linear_projection", "in_channels", "out_channels",
+                  "transformer_layers_per_block"):
+        assert as_tuple(getattr(got, field)) == as_tuple(getattr(cfg, field)), field
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: one clear UserError each
+
+
+def test_missing_path():
+    with pytest.raises(UserError, match="model not found"):
+        load("/nonexistent/model.safetensors")
+
+
+def test_folder_of_neither_layout(tmp_path):
+    (tmp_path / "readme.txt").write_text("hi")
+    with pytest.raises(UserError, match="not a diffusers model folder"):
+        load(tmp_path)
+
+
+def test_pickle_checkpoints_are_refused_without_unpickling(tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {}}, ckpt)
+    with pytest.raises(UserError, match="pickle"):
+        load(ckpt)
+    disguised = tmp_path / "model.safetensors"
+    shutil.copy(ckpt, disguised)  # a zip archive under a safetensors name
+    with pytest.raises(UserError, match="pickle"):
+        load(disguised)
+
+
+def test_truncated_and_foreign_files(tiny_sd1, tmp_path):
+    data = tiny_sd1["single"].read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated"):
+        load(cut)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"hello world, not tensors at all" * 10)
+    with pytest.raises(UserError, match="not a .safetensors file"):
+        load(junk)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(UserError, match="not a .safetensors file"):
+        load(empty)
+
+
+def _rewrite(src, dst, edit):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(src))
+    edit(tensors)
+    save_file(tensors, str(dst))
+    return dst
+
+
+def test_missing_misshaped_and_unknown_tensors(tiny_sd1, tmp_path):
+    key = "model.diffusion_model.input_blocks.1.0.emb_layers.1.weight"
+    f = _rewrite(tiny_sd1["single"], tmp_path / "a.safetensors", lambda t: t.pop(key))
+    with pytest.raises(UserError, match="missing.*down_blocks.0.resnets.0.time_emb_proj.weight"):
+        load(f)
+    f = _rewrite(tiny_sd1["single"], tmp_path / "b.safetensors", lambda t: t.__setitem__(key, torch.zeros(3, 3)))
+    with pytest.raises(UserError, match=r"shape \(3, 3\)"):
+        load(f)
+    f = _rewrite(tiny_sd1["single"], tmp_path / "c.safetensors",
+                 lambda t: [t.pop(k) for k in list(t) if k.startswith("model.diffusion_model.")])
+    with pytest.raises(UserError, match="not a Stable Diffusion checkpoint"):
+        load(f)
+    f = _rewrite(tiny_sd1["single"], tmp_path / "d.safetensors",
+                 lambda t: t.__setitem__("conditioner.embedders.0.transformer.x", torch.zeros(1)))
+    with pytest.raises(UserError, match="SDXL"):
+        load(f)
+    f = _rewrite(tiny_sd1["single"], tmp_path / "e.safetensors",
+                 lambda t: t.__setitem__("lora_unet_down_blocks_0_x.lora_down.weight", torch.zeros(1)))
+    with pytest.raises(UserError, match="LoRA file"):
+        load(f)
+    f = _rewrite(tiny_sd1["single"], tmp_path / "f.safetensors",
+                 lambda t: t.pop("model.diffusion_model.out.2.weight"))
+    with pytest.raises(UserError, match="unknown UNet architecture"):
+        load(f)
+
+
+def test_folder_with_pickle_weights(tiny_sd1, tmp_path):
+    folder = shutil.copytree(tiny_sd1["folder"], tmp_path / "m")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({}, folder / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(UserError, match="pickle"):
+        load(folder)
+
+
+def test_find_default_model(tiny_sd1, tmp_path):
+    with pytest.raises(UserError, match="no model found"):
+        find_default_model(tmp_path)
+    shutil.copy(tiny_sd1["single"], tmp_path / "a.safetensors")
+    assert find_default_model(tmp_path) == tmp_path / "a.safetensors"
+    shutil.copytree(tiny_sd1["folder"], tmp_path / "b")
+    with pytest.raises(UserError, match="several models"):
+        find_default_model(tmp_path)
+
+
+def test_package_does_not_import_diffusers():
+    import subprocess
+    import sys
+
+    code = ("import sys, dreambooth_min; dreambooth_min.load; import dreambooth_min.checkpoint, dreambooth_min.sampling;"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('diffusers', 'peft', 'accelerate')]; print(bad); sys.exit(bool(bad))")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
