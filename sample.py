@@ -96,6 +96,9 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # images already saved stay whole (written atomically)
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -105,30 +105,27 @@ def vae_rename_table(cfg):
     return table
 
 
-def rename(key, table):
-    """Our name for the LDM `key`, or None when no row of `table` covers it."""
-    for ldm, ours, inner in table:
-        if key.startswith(ldm):
-            rest = key[len(ldm):]
+def _translate(key, rows):
+    """Rename `key` by the first row (from prefix, to prefix, inner renames) whose prefix it has."""
+    for src, dst, inner in rows:
+        if key.startswith(src):
+            rest = key[len(src):]
             for a, b in inner:
                 if rest.startswith(a):
                     rest = b + rest[len(a):]
                     break
-            return ours + rest
+            return dst + rest
     return None
+
+
+def rename(key, table):
+    """Our name for the LDM `key`, or None when no row of `table` covers it."""
+    return _translate(key, table)
 
 
 def unrename(key, table):
     """The LDM name of our `key` (the table read backwards), or None."""
-    for ldm, ours, inner in table:
-        if key.startswith(ours):
-            rest = key[len(ours):]
-            for a, b in inner:
-                if rest.startswith(b):
-                    rest = a + rest[len(b):]
-                    break
-            return ldm + rest
-    return None
+    return _translate(key, [(ours, ldm, [(b, a) for a, b in inner]) for ldm, ours, inner in table])
 
 
 # ---------------------------------------------------------------------------------------------------

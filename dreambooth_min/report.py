@@ -4,25 +4,17 @@ Drawn with pillow alone (no matplotlib). Every file is written atomically.
 """
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from .safetensors_io import atomic_path
 from .sampling import save_png
 
 
 def write_text_atomic(path, text):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
 
 
 def append_jsonl(path, record):

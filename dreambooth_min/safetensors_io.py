@@ -6,6 +6,7 @@ model. Reading one tensor at a time keeps the peak at the model plus its largest
 The format: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
 then the raw little-endian tensor bytes.
 """
+import contextlib
 import json
 import os
 import tempfile
@@ -76,14 +77,22 @@ class SafetensorsFile:
         return buf.view(DTYPES[e["dtype"]]).reshape(e["shape"])
 
 
-def save_atomic(tensors, path, metadata=None):
-    """Write a .safetensors file so that readers see either the old file or the whole new one."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename, so readers
+    (and a run interrupted mid-write) see either the old file or the whole new one, never half of it."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_atomic(tensors, path, metadata=None):
+    """Write a .safetensors file atomically."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)

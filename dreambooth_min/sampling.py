@@ -6,8 +6,6 @@ which is what diffusers' StableDiffusionPipeline draws for generator=[torch.Gene
 (DDIM's initial noise sigma is 1), so on the CPU in fp32 both tools make the same image.
 """
 import math
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 from .errors import UserError
+from .safetensors_io import atomic_path
 from .scheduler import TIMESTEP_SPACINGS, ddim_step, ddim_timesteps
 
 # What a diffusers folder's scheduler/scheduler_config.json may say about DDIM, and the released SD
@@ -145,14 +144,8 @@ def save_png(image, path, parameters=None):
     info = PngImagePlugin.PngInfo()
     if parameters:
         info.add_text("parameters", parameters)  # becomes an iTXt chunk when the text is not Latin-1
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
 
 
 def image_grid(images):

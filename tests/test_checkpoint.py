@@ -226,3 +226,69 @@ def test_package_does_not_import_diffusers():
     code = ("import sys, dreambooth_min; dreambooth_min.load; import dreambooth_min.checkpoint, dreambooth_min.sampling;"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('diffusers', 'peft', 'accelerate')]; print(bad); sys.exit(bool(bad))")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real SD 1.5 / 2.1 file layouts. tests/data/sd15_keys.json and sd21_keys.json list every tensor name
+# and shape of v1-5-pruned-emaonly / v2-1_768-ema-pruned (UNet, VAE, text; DDPM buffers left out), as the
+# original LDM code (CompVis / Stability-AI, v1-inference.yaml / v2-inference-v.yaml) builds them.
+
+DATA = __import__("pathlib").Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("name,version", [("sd15", "sd1"), ("sd21", "sd2")])
+def test_real_layout_maps_onto_our_modules(name, version):
+    from dreambooth_min.checkpoint import UNET_PREFIX, VAE_PREFIX, infer_vae_config
+    from dreambooth_min.text import convert_open_clip, match_text_prefix, text_config_from_state_dict
+    from dreambooth_min.unet import UNet2DConditionModel
+    from dreambooth_min.vae import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    manifest = {k: tuple(v) for k, v in json.loads((DATA / f"{name}_keys.json").read_text()).items()}
+    part = lambda prefix: {k[len(prefix):]: s for k, s in manifest.items() if k.startswith(prefix)}
+    for prefix, infer, cls, table_fn in ((UNET_PREFIX, infer_unet_config, UNet2DConditionModel, unet_rename_table),
+                                         (VAE_PREFIX, infer_vae_config, AutoencoderKL, vae_rename_table)):
+        shapes = part(prefix)
+        cfg = infer(shapes)
+        ours = {k: tuple(v.shape) for k, v in _meta(cls, cfg).state_dict().items()}
+        table = table_fn(cfg)
+        mapped = {rename(k, table): (k, s) for k, s in shapes.items()}
+        assert mapped.keys() == ours.keys(), (set(mapped) ^ set(ours))
+        for k, (ldm, s) in mapped.items():  # 1x1-conv VAE attention weights fill linear ones
+            assert s == ours[k] or (len(s) == 4 and s[2:] == (1, 1) and s[:2] == ours[k]), (ldm, s, ours[k])
+    if version == "sd1":
+        assert cfg_equal(infer_unet_config(part(UNET_PREFIX)), UNetConfig.sd1())
+        text = {k: torch.empty(s, device="meta") for k, s in part("cond_stage_model.transformer.").items()}
+    else:
+        sd2 = infer_unet_config(part(UNET_PREFIX))
+        assert cfg_equal(sd2, UNetConfig.sd2())
+        text = convert_open_clip({k: torch.empty(s, device="meta") for k, s in part("cond_stage_model.model.").items()})
+    config = text_config_from_state_dict(text, version)
+    assert (config.hidden_size, config.num_attention_heads) == ((768, 12) if version == "sd1" else (1024, 16))
+    assert config.num_hidden_layers == (12 if version == "sd1" else 23)  # SD 2.x: penultimate layer
+    with torch.device("meta"):
+        model = CLIPTextModel(config)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in match_text_prefix(text, model).items()} == ours
+
+
+def cfg_equal(a, b):
+    import dataclasses
+
+    as_tuple = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
+    return all(as_tuple(getattr(a, f.name)) == as_tuple(getattr(b, f.name)) for f in dataclasses.fields(a))
+
+
+def test_header_length_starting_with_0x80_is_not_a_pickle(tmp_path):
+    """1 in 256 safetensors files start with byte 0x80 (their header length), as a pickle does."""
+    from safetensors.torch import save_file
+
+    from dreambooth_min.safetensors_io import SafetensorsFile
+
+    path = tmp_path / "x.safetensors"
+    for pad in range(600):
+        save_file({"w": torch.ones(2)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert torch.equal(SafetensorsFile(path).read("w"), torch.ones(2))
