@@ -135,8 +135,12 @@ def _indices(shapes, pattern):
     return sorted({int(m.group(1)) for k in shapes if (m := re.match(pattern, k))})
 
 
-def infer_unet_config(shapes):
-    """UNetConfig from the shapes of the `model.diffusion_model.*` tensors (prefix removed)."""
+def infer_unet_config(shapes, num_heads=None, num_head_channels=None):
+    """UNetConfig from the shapes of the `model.diffusion_model.*` tensors (prefix removed).
+
+    No tensor holds the head count: LDM's `num_head_channels` (width of a head) or else `num_heads`
+    decide it when given, otherwise the released configs' rule (see the module docstring).
+    """
     try:
         conv_in, conv_out = shapes["input_blocks.0.0.weight"], shapes["out.2.weight"]
         downsamplers = _indices(shapes, r"input_blocks\.(\d+)\.0\.op\.weight")
@@ -157,10 +161,12 @@ def infer_unet_config(shapes):
         raise UserError(f"unknown UNet architecture: tensor {UNET_PREFIX}{e.args[0]} not found "
                         "(only Stable Diffusion 1.x and 2.x UNets are supported)") from None
     linear = len(proj_in) == 2
-    if linear:  # SD 2.x: heads of 64 channels
-        head_dim = [64 if d % 64 == 0 else d for d in inner]
-    else:  # SD 1.x: 8 heads
-        head_dim = [d // 8 for d in inner]
+    if num_head_channels is None and num_heads is None:
+        num_head_channels, num_heads = (64, None) if linear else (None, 8)  # SD 2.x / SD 1.x
+    if num_head_channels is not None and num_head_channels > 0:
+        head_dim = [num_head_channels if d % num_head_channels == 0 else d for d in inner]
+    else:
+        head_dim = [d // num_heads for d in inner]
     return UNetConfig(
         in_channels=conv_in[1], out_channels=conv_out[0], block_out_channels=channels, layers_per_block=n,
         attention_levels=attention, num_attention_heads=tuple(d // h for d, h in zip(inner, head_dim)),
@@ -263,7 +269,7 @@ def _load_single_file(path, dtype, device):
             sources.append((ours, lambda k=prefix + key: f.read(k)))
         return fill(module, sources, what).eval().requires_grad_(False)
 
-    unet_cfg, vae_cfg = infer_unet_config(unet_shapes), infer_vae_config(vae_shapes)
+    unet_cfg, vae_cfg = infer_unet_config(unet_shapes, **_yaml_heads(path)), infer_vae_config(vae_shapes)
     unet = load_part(UNet2DConditionModel, unet_cfg, UNET_PREFIX, unet_shapes, unet_rename_table(unet_cfg), "UNet")
     vae = load_part(AutoencoderKL, vae_cfg, VAE_PREFIX, vae_shapes, vae_rename_table(vae_cfg), "VAE")
     version = "sd2" if unet_cfg.use_linear_projection else "sd1"
@@ -276,6 +282,18 @@ def _load_single_file(path, dtype, device):
     text_encoder = _load_text(text_sd, version, dtype, device)
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(version), version=version,
                 prediction_type=_single_file_prediction_type(path, version), scheduler_config={})
+
+
+def _yaml_heads(path):
+    """num_heads / num_head_channels from the LDM config `<name>.yaml` beside a single file, if any
+    (read with a regular expression: the keys are unique in those configs, and we need no YAML parser)."""
+    yaml = path.with_suffix(".yaml")
+    text = yaml.read_text() if yaml.exists() else ""
+    found = {k: int(m.group(1)) for k in ("num_heads", "num_head_channels")
+             if (m := re.search(rf"^\s*{k}:\s*(-?\d+)", text, re.M))}
+    if found.get("num_head_channels", -1) <= 0:
+        found.pop("num_head_channels", None)
+    return found
 
 
 def _single_file_prediction_type(path, version):

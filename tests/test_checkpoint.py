@@ -292,3 +292,26 @@ def test_header_length_starting_with_0x80_is_not_a_pickle(tmp_path):
             break
     assert path.read_bytes()[0] == 0x80
     assert torch.equal(SafetensorsFile(path).read("w"), torch.ones(2))
+
+
+def test_yaml_beside_a_single_file_sets_the_head_count(tmp_path):
+    """A model whose heads differ from the released rule loads right when its LDM yaml says so."""
+    from tiny import SD2_UNET
+
+    pipe = make_pipeline("sd2")
+    from diffusers import UNet2DConditionModel
+
+    heads4 = UNet2DConditionModel(**dict(SD2_UNET, attention_head_dim=(2, 4, 4)))  # heads of 16 channels
+    heads4.load_state_dict(pipe.unet.state_dict())
+    pipe.unet = heads4
+    f = save_single_file(pipe, tmp_path / "odd.safetensors")
+    g = torch.Generator().manual_seed(0)
+    x, ctx, t = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 64, generator=g), torch.tensor([500])
+    ref = heads4(x, t, encoder_hidden_states=ctx).sample
+    with torch.no_grad():
+        assert maxdiff(load(f).unet(x, t, ctx), ref) > 1e-3  # the default rule (64-channel heads) differs
+        (tmp_path / "odd.yaml").write_text("model:\n  params:\n    unet_config:\n      params:\n"
+                                           "        num_head_channels: 16\n        use_linear_in_transformer: true\n")
+        assert maxdiff(load(f).unet(x, t, ctx), ref) <= TOL
+        (tmp_path / "odd.yaml").write_text("        num_heads: 4\n        num_head_channels: -1\n")
+        assert load(f).unet.config.num_attention_heads[1] == 4
