@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.utils.checkpoint import checkpoint
 
 try:  # optional: xformers' memory-efficient kernel, used only for CUDA tensors
     import xformers.ops as _xops
@@ -36,6 +37,59 @@ def attention(q, k, v, heads, upcast=False):
     return rearrange(out, "b h n d -> b n (h d)").to(dtype)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Training memory. DreamBooth-LoRA freezes every base weight, yet autograd keeps activations for gradients
+# nobody asked for: a convolution saves its input for a weight gradient, and GroupNorm -> SiLU -> conv keeps
+# three tensors where the input alone suffices. The two helpers below keep only what backward needs; the
+# results are bit-identical, and outside training (no grad) they are plain calls.
+
+def _needs_graph(x):
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+class _FrozenConv2d(torch.autograd.Function):
+    """conv2d with a weight and bias that get no gradient: backward needs the weight, not the input."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding):
+        out = F.conv2d(x, weight, bias, stride, padding)
+        ctx.save_for_backward(weight)
+        ctx.x_shape, ctx.x_dtype, ctx.stride, ctx.padding = x.shape, x.dtype, stride, padding
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        dx = torch.nn.grad.conv2d_input(ctx.x_shape, weight.to(grad.dtype), grad, ctx.stride, ctx.padding)
+        return dx.to(ctx.x_dtype), None, None, None, None
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters, same names) that does not keep its input when its weights are frozen."""
+
+    def forward(self, x):
+        frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
+        if not (frozen and _needs_graph(x)) or self.dilation != (1, 1) or self.groups != 1:
+            return super().forward(x)
+        if torch.is_autocast_enabled(x.device.type):  # the cast autocast would have made for F.conv2d
+            dtype = torch.get_autocast_dtype(x.device.type)
+            return _FrozenConv2d.apply(x.to(dtype), self.weight.to(dtype),
+                                       None if self.bias is None else self.bias.to(dtype), self.stride, self.padding)
+        return _FrozenConv2d.apply(x, self.weight, self.bias, self.stride, self.padding)
+
+
+def _norm_silu(norm, x):
+    return F.silu(norm(x))
+
+
+def norm_silu(norm, x):
+    """SiLU(norm(x)). In training only x is kept: the two cheap ops are redone in backward instead of keeping
+    the norm's output (SiLU's input) and SiLU's output (the next conv's input)."""
+    if _needs_graph(x):
+        return checkpoint(_norm_silu, norm, x, use_reentrant=False)
+    return _norm_silu(norm, x)
+
+
 class ResnetBlock2D(nn.Module):
     """GroupNorm-SiLU-conv twice, plus the (optionally 1x1-projected) input (LDM `ResBlock`).
 
@@ -46,17 +100,17 @@ class ResnetBlock2D(nn.Module):
     def __init__(self, in_channels, out_channels, temb_channels=None, eps=1e-5, groups=32):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x, temb=None):
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(norm_silu(self.norm1, x))
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv2(norm_silu(self.norm2, h))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return skip + h
 
@@ -66,7 +120,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x, size=None):
         if size is None:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .errors import UserError
-from .layers import ResnetBlock2D, Upsample2D, attention
+from .layers import Conv2d, ResnetBlock2D, Upsample2D, attention, norm_silu
 
 
 @dataclass
@@ -163,8 +163,14 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, 2 * inner)
 
     def forward(self, x):
-        a, gate = self.proj(x).chunk(2, dim=-1)
-        return a * F.gelu(gate)
+        h = self.proj(x)
+        # In training keep only h: a, GELU(gate) and gate would be 1.5x its size (recomputed in backward).
+        return checkpoint(_geglu, h, use_reentrant=False) if torch.is_grad_enabled() and h.requires_grad else _geglu(h)
+
+
+def _geglu(h):
+    a, gate = h.chunk(2, dim=-1)
+    return a * F.gelu(gate)
 
 
 class FeedForward(nn.Module):
@@ -206,7 +212,7 @@ class Transformer2DModel(nn.Module):
         inner = heads * head_dim
         self.linear = linear
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        proj = nn.Linear if linear else lambda i, o: nn.Conv2d(i, o, 1)
+        proj = nn.Linear if linear else lambda i, o: Conv2d(i, o, 1)
         self.proj_in = proj(channels, inner)
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(inner, heads, head_dim, context_dim, upcast) for _ in range(depth)])
@@ -259,7 +265,7 @@ class Downsample2D(nn.Module):
 
     def __init__(self, channels):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.conv(x)
@@ -357,7 +363,7 @@ class UNet2DConditionModel(nn.Module):
         self.gradient_checkpointing = False  # set True to trade compute for activation memory in training
         ch = cfg.block_out_channels
         temb_ch = 4 * ch[0]
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb_ch)
         last = len(ch) - 1
         self.down_blocks = nn.ModuleList([DownBlock(cfg, i, ch[max(i - 1, 0)], ch[i], temb_ch, i < last)
@@ -366,7 +372,7 @@ class UNet2DConditionModel(nn.Module):
         levels = list(reversed(range(len(ch))))  # up_blocks.0 is the deepest level
         self.up_blocks = nn.ModuleList([UpBlock(cfg, lv, ch[min(lv + 1, last)], lv > 0, temb_ch) for lv in levels])
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=1e-5)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, sample, timestep, encoder_hidden_states):
         """sample [B, in, h, w]; timestep int, 0-d or [B] tensor; encoder_hidden_states [B, M, Cc] -> [B, out, h, w]."""
@@ -383,4 +389,4 @@ class UNet2DConditionModel(nn.Module):
         x = self.mid_block(x, temb, context, ckpt)  # [B, C_last, h / 2^(L-1), w / 2^(L-1)]
         for block in self.up_blocks:
             x = block(x, temb, context, skips, ckpt)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))  # [B, out, h, w]
+        return self.conv_out(norm_silu(self.conv_norm_out, x))  # [B, out, h, w]
