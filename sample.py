@@ -38,7 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--lora", help="a LoRA .safetensors file (kohya / diffusers format) to apply")
     p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA (default: 1.0)")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
-                   help="override what the UNet predicts (for SD 2.x single files the name decides otherwise)")
+                   help="override what the UNet predicts (SD 2.x single files: a <name>.yaml beside the file, "
+                        "else the name decides: '512' or 'base' = epsilon, otherwise v)")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="weights' precision (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--batch-size", type=int, default=4, help="images per UNet batch (default: 4)")
@@ -71,7 +72,9 @@ def run(args):
     lora = None
     if args.lora:
         apply_lora(sd.unet, sd.text_encoder, load_lora(args.lora)[0], scale=args.lora_scale)
-        lora = f"{Path(args.lora).stem}:{args.lora_scale}"
+        name = Path(args.lora).resolve()
+        name = f"{name.parent.name}/{name.stem}" if name.stem == "lora" else name.stem  # runs/<run>/lora -> <run>/lora
+        lora = f"{name}:{args.lora_scale}"
     height = sd.default_resolution if args.height is None else args.height
     width = sd.default_resolution if args.width is None else args.width
 

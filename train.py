@@ -23,7 +23,7 @@ def parse_args(argv=None):
     a.add_argument("--class-noun", default=D.class_noun, help="what the subject is, e.g. dog, girl, backpack (default: %(default)s)")
     a.add_argument("--prompt", default=D.prompt, help="instance prompt; 'sks' is the rare token that comes to mean your subject (default: %(default)r)")
     a.add_argument("--model", default=D.model, help="checkpoint: .safetensors file or diffusers folder (default: the one model in weights/)")
-    a.add_argument("--prediction-type", default="", choices=["", "epsilon", "v_prediction"], help="override the detected prediction type")
+    a.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override the detected prediction type")
     a.add_argument("--resolution", type=int, default=D.resolution, help="training size in pixels (default: 512 for SD 1.x and 2.x-base, 768 for SD 2.x v-models)")
     a.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flips (for asymmetric subjects: text, logos)")
     a = p.add_argument_group("prior preservation (DreamBooth eq. 2)")
@@ -55,12 +55,13 @@ def parse_args(argv=None):
     a.add_argument("--seed", type=int, default=D.seed, help="seed of every random draw (default: %(default)s)")
     a = p.add_argument_group("hardware")
     a.add_argument("--device", default=D.device, help="cuda or cpu (default: cuda if available)")
-    a.add_argument("--precision", default=D.precision, choices=["", "fp16", "bf16", "fp32"],
+    a.add_argument("--precision", choices=["fp16", "bf16", "fp32"],
                    help="fp16 = frozen fp16 base + autocast + GradScaler (default on CUDA); fp32 (default on CPU); bf16")
     a.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory, ~30%% slower")
     a = p.add_argument_group("outputs")
     a.add_argument("--output", default=D.output, help="run folder (default: runs/<timestamp>)")
-    a.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its latest checkpoint (its config.json is reused)")
+    a.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its latest checkpoint, with its "
+                   "config.json (model, images, every setting); only --device may be given with it")
     a.add_argument("--save-every", type=int, default=D.save_every, help="checkpoint every N steps (default: %(default)s; Ctrl-C always saves one)")
     a.add_argument("--keep-checkpoints", type=int, default=D.keep_checkpoints, help="how many checkpoints to keep (default: %(default)s)")
     a.add_argument("--validate-every", type=int, default=D.validate_every, help="sample the validation prompt every N epochs; 0 disables (default: %(default)s)")
@@ -68,13 +69,18 @@ def parse_args(argv=None):
     a.add_argument("--validation-images", type=int, default=D.validation_images, help="images per validation, fixed seeds (default: %(default)s)")
     a.add_argument("--validation-steps", type=int, default=D.validation_steps, help="DDIM steps per validation image (default: %(default)s)")
     args = p.parse_args(argv)
-    if not args.resume and not args.images:
+    if args.resume:
+        given = [a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")]
+        extra = sorted(set(given) - {"--resume", "--device"})
+        if extra:
+            p.error(f"--resume continues a run with its own config.json: {', '.join(extra)} cannot be changed")
+    elif not args.images:
         p.error("--images is required (or --resume RUN)")
     return args
 
 
 def config_from_args(args):
-    fields = {k: v for k, v in vars(args).items() if hasattr(D, k)}
+    fields = {k: v for k, v in vars(args).items() if hasattr(D, k) and v is not None}
     fields["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
     if args.no_prior:
         fields["prior_weight"] = 0.0
@@ -88,6 +94,7 @@ def main(argv=None):
         if args.resume:
             cfg = config_from_json(f"{args.resume}/config.json")
             cfg.output = args.resume
+            cfg.device = args.device or cfg.device
             result = train(cfg, resume=True)
         else:
             result = train(config_from_args(args))
@@ -95,7 +102,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before training started (model loading, class images): files are whole
-        print("interrupted: every finished file (class images, checkpoints) is kept", file=sys.stderr)
+        print("interrupted before training started: run the same command again; the class images drawn "
+              "so far are kept and reused", file=sys.stderr)
         return 130
     return 130 if result["interrupted"] else 0
 

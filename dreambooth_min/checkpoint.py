@@ -374,14 +374,24 @@ def load(path, dtype=torch.float32, device="cpu", prediction_type=None):
     return StableDiffusion(**parts, name=path.stem if path.is_file() else path.name)
 
 
-def find_default_model(folder="weights"):
-    """The one model in `folder` (a .safetensors file or a diffusers folder), for commands run without --model."""
+def find_default_model(folder=None):
+    """The one model in weights/ (a .safetensors file or a diffusers folder), for commands run without --model.
+
+    weights/ is looked for in the current folder, then beside the package (the project's own weights/).
+    """
+    if folder is None:
+        here, project = Path("weights"), Path(__file__).resolve().parents[1] / "weights"
+        folder = here if here.is_dir() or not project.is_dir() else project
     folder = Path(folder)
-    found = sorted(p for p in folder.glob("*.safetensors")) + sorted(p.parent for p in folder.glob("*/model_index.json"))
+    found = sorted(folder.glob("*.safetensors")) + sorted(p.parent for p in folder.glob("*/model_index.json"))
+    pickles = sorted(p for ext in ("*.ckpt", "*.pt", "*.pth", "*.bin") for p in folder.glob(ext))
     hint = ("put a Stable Diffusion checkpoint there, e.g. v1-5-pruned-emaonly.safetensors "
             "(see weights/README.md), or pass --model PATH")
+    if not found and pickles:
+        raise UserError(f"{pickles[0]}: {PICKLE_HINT}")
     if not found:
-        raise UserError(f"no model found in {folder}/: {hint}")
+        raise UserError(f"no model found in {folder.absolute()}/: {hint}")
     if len(found) > 1:
-        raise UserError(f"several models in {folder}/ ({', '.join(p.name for p in found)}): choose one with --model")
+        raise UserError(f"several models in {folder.absolute()}/ ({', '.join(p.name for p in found)}): "
+                        "choose one with --model")
     return found[0]

@@ -3,6 +3,8 @@
 Names follow diffusers (`norm1`, `conv1`, `time_emb_proj`, `conv_shortcut`, ...) so that a diffusers
 state dict loads without renaming; the LDM single-file names are mapped in `checkpoint.py`.
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -47,6 +49,24 @@ def _needs_graph(x):
     return torch.is_grad_enabled() and x.requires_grad
 
 
+_RECOMPUTE_CHEAP_OPS = [True]  # off inside a block that gradient checkpointing already recomputes whole
+
+
+@contextlib.contextmanager
+def whole_block_recomputed():
+    """Inside a gradient-checkpointed block only the block's input is kept anyway: recomputing its cheap ops
+    a second time (norm_silu, GEGLU) would only cost time."""
+    _RECOMPUTE_CHEAP_OPS.append(False)
+    try:
+        yield
+    finally:
+        _RECOMPUTE_CHEAP_OPS.pop()
+
+
+def recompute_cheap_ops(x):
+    return _RECOMPUTE_CHEAP_OPS[-1] and _needs_graph(x)
+
+
 class _FrozenConv2d(torch.autograd.Function):
     """conv2d with a weight and bias that get no gradient: backward needs the weight, not the input."""
 
@@ -85,7 +105,7 @@ def _norm_silu(norm, x):
 def norm_silu(norm, x):
     """SiLU(norm(x)). In training only x is kept: the two cheap ops are redone in backward instead of keeping
     the norm's output (SiLU's input) and SiLU's output (the next conv's input)."""
-    if _needs_graph(x):
+    if recompute_cheap_ops(x):
         return checkpoint(_norm_silu, norm, x, use_reentrant=False)
     return _norm_silu(norm, x)
 

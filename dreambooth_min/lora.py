@@ -201,6 +201,8 @@ def _group(tensors):
     peft ('unet.<path>.lora_A.weight', 'text_encoder.<path>.lora_B.weight'): key = the dotted path;
     there a missing alpha means alpha = r (peft files keep lora_alpha outside the tensors).
     """
+    if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "unet.conv_in.")) for k in tensors):
+        raise UserError("this file is a Stable Diffusion model, not a LoRA: pass it with --model")
     groups, bad = {}, []
     for k, v in tensors.items():
         if k.startswith(("lora_unet_", "lora_te_")):

@@ -23,7 +23,7 @@ DTYPES = {
     "BOOL": torch.bool,
 }
 PICKLE_HINT = ("it is a pickle checkpoint (.ckpt/.pt/.bin), which dreambooth_min never opens because "
-               "unpickling can run code: convert it to .safetensors once (README, 'Weights')")
+               "unpickling can run code: convert it to .safetensors once (the command is in weights/README.md)")
 
 
 def _is_pickle(head):
@@ -86,6 +86,9 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private (0600); give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

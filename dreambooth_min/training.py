@@ -71,9 +71,38 @@ class TrainConfig:
     prediction_type: str = ""  # empty: detected from the checkpoint
 
     def resolved_prompts(self):
-        prompt = self.prompt.format(class_noun=self.class_noun)
-        return prompt, self.class_prompt.format(class_noun=self.class_noun), \
-            self.validation_prompt.format(prompt=prompt, class_noun=self.class_noun)
+        """(instance, class, validation) prompts with {class_noun} and {prompt} filled in."""
+        try:
+            prompt = self.prompt.format(class_noun=self.class_noun)
+            return prompt, self.class_prompt.format(class_noun=self.class_noun), \
+                self.validation_prompt.format(prompt=prompt, class_noun=self.class_noun)
+        except (KeyError, IndexError, ValueError) as e:
+            raise UserError(f"a prompt has an unknown placeholder {e}: only {{class_noun}} (and {{prompt}} in "
+                            "--validation-prompt) are filled in; write literal braces as {{ }}") from None
+
+    def check(self):
+        """One clear line for a setting that cannot train anything."""
+        positive = {"--rank": self.rank, "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
+                    "--lr": self.lr, "--class-steps": self.class_steps}
+        if self.validate_every:
+            positive.update({"--validation-images": self.validation_images, "--validation-steps": self.validation_steps})
+        if not self.steps:
+            positive["--epochs"] = self.epochs
+        for flag, value in positive.items():
+            if not value > 0:
+                raise UserError(f"{flag} must be positive, not {value}")
+        for flag, value in {"--steps": self.steps, "--num-class-images": self.num_class_images,
+                            "--prior-weight": self.prior_weight, "--warmup-steps": self.warmup_steps,
+                            "--validate-every": self.validate_every, "--save-every": self.save_every,
+                            "--snr-gamma": self.snr_gamma, "--offset-noise": self.offset_noise,
+                            "--alpha": self.alpha, "--resolution": self.resolution}.items():
+            if value < 0:
+                raise UserError(f"{flag} must not be negative, not {value}")
+        if self.resolution % 8:
+            raise UserError(f"--resolution must be a multiple of 8, not {self.resolution}")
+        if self.lr_scheduler not in ("constant", "cosine"):
+            raise UserError(f"--lr-scheduler must be constant or cosine, not {self.lr_scheduler!r}")
+        self.resolved_prompts()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -152,8 +181,12 @@ def load_checkpoint(path, unet_loras, text_loras, optimizer, scaler, scheduler, 
         for part, loras in (("unet", unet_loras), ("te", text_loras)):
             for name, m in loras.items():
                 k = kohya_name(name, part)
-                m.lora_down.weight.copy_(tensors[k + ".lora_down.weight"])
-                m.lora_up.weight.copy_(tensors[k + ".lora_up.weight"])
+                for field, w in (("lora_down", m.lora_down.weight), ("lora_up", m.lora_up.weight)):
+                    saved = tensors.get(f"{k}.{field}.weight")
+                    if saved is None or saved.shape != w.shape:
+                        raise UserError(f"checkpoint {path} does not fit this model and configuration "
+                                        f"({k}.{field}): was the base model in weights/ replaced?")
+                    w.copy_(saved)
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     scheduler.load_state_dict(state["lr_scheduler"])
@@ -178,15 +211,22 @@ def resolve_device(cfg):
     return device, precision, {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
 
-def prepare_output(cfg, resume):
+def output_folder(cfg, resume):
+    """The run folder, checked before any slow work: free (or resumable) and writable."""
+    import os
+
     out = Path(cfg.output or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    if not resume and latest_checkpoint(out) is not None:
+    if not resume and (latest_checkpoint(out) is not None or (out / "lora.safetensors").exists()):
         raise UserError(f"{out} already holds a run: continue it with --resume {out}, or choose another --output")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to the output folder {out}: {existing} is not a writable folder")
+    return out
+
+
+def create_output(out):
     try:
         (out / "samples").mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write to the output folder {out}: {e.strerror or e}") from None
     return out
@@ -200,7 +240,7 @@ def config_from_json(path):
         raise UserError(f"cannot read the run's configuration {path}: {e}") from None
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names}
-    return TrainConfig(**saved)
+    return TrainConfig(**saved)  # `model` holds the path resolved when the run started
 
 
 class Interrupted(Exception):
@@ -217,20 +257,24 @@ def train(cfg, resume=False, stop_after=None, log=tqdm.write):
     from .data import LatentCache, load_image, load_instance_images
     from .prior import default_class_dir, ensure_class_images
     from .report import append_jsonl, labelled_row, plot_loss, read_jsonl, stack_rows, write_text_atomic
-    from .sampling import generate, save_png
+    from .sampling import generate, parameters_text, save_png
 
+    cfg.check()
     device, precision, dtype = resolve_device(cfg)
-    out = prepare_output(cfg, resume)
+    if resume and (Path(cfg.output) / "lora.safetensors").exists():
+        raise UserError(f"the run in {cfg.output} is finished: its LoRA is {Path(cfg.output) / 'lora.safetensors'}")
+    out = output_folder(cfg, resume)
     model_path = Path(cfg.model) if cfg.model else find_default_model()
+    prompt, class_prompt, validation_prompt = cfg.resolved_prompts()
     sd = load(model_path, dtype=dtype, device=device, prediction_type=cfg.prediction_type or None)
     res = cfg.resolution or sd.default_resolution
-    prompt, class_prompt, validation_prompt = cfg.resolved_prompts()
     images, captions, warnings = load_instance_images(cfg.images, res, prompt)
     for w in warnings:
         log(f"warning: {w}")
+    create_output(out)  # only now: a run that cannot start leaves no folder behind
     use_prior = cfg.prior_weight > 0 and cfg.num_class_images > 0
     class_dir = Path(cfg.class_dir) if cfg.class_dir else default_class_dir(sd.name, class_prompt, res)
-    write_text_atomic(out / "config.json", json.dumps({"config": dataclasses.asdict(cfg), "resolved": {
+    write_text_atomic(out / "config.json", json.dumps({"config": dataclasses.asdict(cfg) | {"model": str(model_path)}, "resolved": {
         "model": str(model_path), "version": sd.version, "prediction_type": sd.prediction_type, "resolution": res,
         "device": device, "precision": precision, "prompt": prompt, "class_prompt": class_prompt,
         "class_dir": str(class_dir) if use_prior else None, "instance_images": len(images)}}, indent=2))
@@ -279,6 +323,13 @@ def train(cfg, resume=False, stop_after=None, log=tqdm.write):
             raise UserError(f"nothing to resume in {out}: it has no checkpoints/")
         step = load_checkpoint(ckpt, unet_loras, text_loras, optimizer, scaler, scheduler, generator)
         log(f"resumed from {ckpt} (step {step} of {total_steps})")
+        # What a crashed run wrote after its checkpoint is redone: drop it from the log and the samples.
+        records = [r for r in read_jsonl(out / "log.jsonl") if r["step"] <= step]
+        write_text_atomic(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        done_epochs = step * cfg.grad_accum // micro_per_epoch
+        for row in (out / "samples").glob("epoch_*.png"):
+            if int(row.stem.split("_")[1]) > done_epochs:
+                row.unlink()
 
     def validate(epoch):
         sd.unet.eval()
@@ -286,7 +337,8 @@ def train(cfg, resume=False, stop_after=None, log=tqdm.write):
             imgs = generate(sd, validation_prompt, num_images=cfg.validation_images, steps=cfg.validation_steps,
                             seed=cfg.seed, height=res, width=res, progress=False)
         row = out / "samples" / f"epoch_{epoch:04d}.png"
-        save_png(labelled_row(imgs, f"epoch {epoch}"), row)
+        save_png(labelled_row(imgs, f"epoch {epoch}"), row,
+                 parameters_text(validation_prompt, "", cfg.validation_steps, 7.5, cfg.seed, res, res, sd.name, 0.0))
         stack_rows(sorted((out / "samples").glob("epoch_*.png")), out / "samples" / "grid.png")
 
     def checkpoint(at_step):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .errors import UserError
-from .layers import Conv2d, ResnetBlock2D, Upsample2D, attention, norm_silu
+from .layers import Conv2d, ResnetBlock2D, Upsample2D, attention, norm_silu, recompute_cheap_ops, whole_block_recomputed
 
 
 @dataclass
@@ -165,7 +165,7 @@ class GEGLU(nn.Module):
     def forward(self, x):
         h = self.proj(x)
         # In training keep only h: a, GELU(gate) and gate would be 1.5x its size (recomputed in backward).
-        return checkpoint(_geglu, h, use_reentrant=False) if torch.is_grad_enabled() and h.requires_grad else _geglu(h)
+        return checkpoint(_geglu, h, use_reentrant=False) if recompute_cheap_ops(h) else _geglu(h)
 
 
 def _geglu(h):
@@ -273,7 +273,12 @@ class Downsample2D(nn.Module):
 
 def _run(module, ckpt, *args):
     """Call module(*args), recomputing its activations in backward instead of storing them when `ckpt`."""
-    return checkpoint(module, *args, use_reentrant=False) if ckpt else module(*args)
+    return checkpoint(_whole, module, *args, use_reentrant=False) if ckpt else module(*args)
+
+
+def _whole(module, *args):
+    with whole_block_recomputed():
+        return module(*args)
 
 
 def _transformer(cfg, level, channels):

@@ -315,3 +315,17 @@ def test_yaml_beside_a_single_file_sets_the_head_count(tmp_path):
         assert maxdiff(load(f).unet(x, t, ctx), ref) <= TOL
         (tmp_path / "odd.yaml").write_text("        num_heads: 4\n        num_head_channels: -1\n")
         assert load(f).unet.config.num_attention_heads[1] == 4
+
+
+def test_a_pickle_in_weights_gets_the_conversion_hint(tmp_path):
+    torch.save({}, tmp_path / "v1-5-pruned-emaonly.ckpt")
+    with pytest.raises(UserError, match="pickle"):
+        find_default_model(tmp_path)
+
+
+def test_a_model_passed_as_lora_is_named_as_such(tiny_sd1):
+    from dreambooth_min.lora import apply_lora, load_lora
+
+    sd = load(tiny_sd1["single"])
+    with pytest.raises(UserError, match="not a LoRA"):
+        apply_lora(sd.unet, sd.text_encoder, load_lora(tiny_sd1["single"])[0])

@@ -215,7 +215,8 @@ def test_cli_errors_are_one_line(tmp_path):
     synthetic_images(tmp_path / "imgs")
     r = run_cli(["--images", "imgs"], tmp_path)  # no model in weights/
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("error: no model found in weights/")
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no model found in ") and "weights/" in last
     r = run_cli(["--images", "missing", "--model", "x.safetensors"], tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "error:" in r.stderr
 
@@ -239,3 +240,36 @@ def test_ctrl_c_saves_a_checkpoint(tiny_sd1, tmp_path):
     assert ckpts and (ckpts[-1] / "lora.safetensors").exists()
     done = len(log.read_text().splitlines())
     assert int(ckpts[-1].name.split("_")[1]) == done
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(rank=0), "--rank must be positive"), (dict(batch_size=0), "--batch-size must be positive"),
+    (dict(prompt="a photo of {oops}"), "unknown placeholder"), (dict(resolution=63), "multiple of 8"),
+    (dict(steps=-5), "--steps must not be negative"), (dict(steps=0, epochs=0), "--epochs must be positive"),
+    (dict(lr=-1.0), "--lr must be positive"), (dict(num_class_images=-3), "--num-class-images must not be negative"),
+    (dict(validate_every=1, validation_images=0), "--validation-images must be positive")])
+def test_settings_that_cannot_train_are_refused_before_any_work(change, message, tmp_path):
+    with pytest.raises(UserError, match=message):
+        train(config(tmp_path, tmp_path / "no-model-needed.safetensors", **change))
+    assert not (tmp_path / "run").exists()  # nothing left behind
+
+
+def test_resume_after_a_crash_drops_what_came_after_the_checkpoint(tiny_sd1, tmp_path):
+    cfg = config(tmp_path, tiny_sd1["single"], steps=6, save_every=2, prior_weight=0.0)
+    train(cfg, stop_after=5)  # checkpoints at steps 2, 4 and (on the interruption) 5
+    out = Path(cfg.output)
+    import shutil
+    shutil.rmtree(out / "checkpoints" / "step_000005")  # as if the process had been killed after step 5
+    train(cfg, resume=True)
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(UserError, match="is finished"):
+        train(cfg, resume=True)
+    with pytest.raises(UserError, match="already holds a run"):
+        train(cfg)
+    assert oct((out / "lora.safetensors").stat().st_mode & 0o777) != oct(0o600)  # readable by others too
+
+
+def test_cli_resume_takes_no_other_settings(tmp_path):
+    r = run_cli(["--resume", "somewhere", "--steps", "5"], tmp_path)
+    assert r.returncode == 2 and "cannot be changed" in r.stderr and "Traceback" not in r.stderr

@@ -115,5 +115,6 @@ def save_single_file(pipe, path, dtype=torch.float32, version=None):
     tensors["model_ema.decay"], tensors["model_ema.num_updates"] = torch.tensor(0.9999), torch.tensor(0, dtype=torch.int32)
     tensors = {k: (v.to(dtype) if v.is_floating_point() and k not in ("betas", "alphas_cumprod") else v)
                for k, v in tensors.items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_atomic(tensors, path)
     return Path(path)
