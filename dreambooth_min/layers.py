@@ -67,12 +67,67 @@ def recompute_cheap_ops(x):
     return _RECOMPUTE_CHEAP_OPS[-1] and _needs_graph(x)
 
 
+def _gemm_wins(x_shape, device, weight, stride):
+    """Whether a plain matrix product beats oneDNN for this convolution (CPU only).
+
+    oneDNN copies the whole weight into its blocked layout on every call. At the deep, low-resolution
+    levels (1280 channels at 8x8) that copy moves more bytes than the arithmetic needs time, while a GEMM
+    reads the weight as stored: measured 2x faster there, and as fast for every 1x1 convolution. At high
+    resolution oneDNN's direct kernels are faster than im2col + GEMM, so they keep those."""
+    out_channels, _, kh, kw = weight.shape
+    if device.type != "cpu" or len(x_shape) != 4 or out_channels < 64:
+        return False
+    if kh == kw == 1 and stride == (1, 1):
+        return True
+    pixels = x_shape[0] * (x_shape[2] // stride[0]) * (x_shape[3] // stride[1])  # output pixels
+    return 2 * pixels <= out_channels
+
+
+def _conv2d_gemm(x, weight, bias, stride, padding):
+    """conv2d as one GEMM: W [O, C*k*k] @ im2col(x) [B, C*k*k, L] (a 1x1 convolution needs no im2col)."""
+    B, C, H, W = x.shape
+    O, _, kh, kw = weight.shape
+    Ho, Wo = (H + 2 * padding[0] - kh) // stride[0] + 1, (W + 2 * padding[1] - kw) // stride[1] + 1
+    if (kh, kw) == (1, 1) and padding == (0, 0) and x.is_contiguous(memory_format=torch.channels_last) \
+            and not x.is_contiguous():
+        # pixels-major input (a transformer's tokens viewed as an image): stay pixels-major, no copy
+        out = F.linear(x.permute(0, 2, 3, 1).reshape(B, H * W, C), weight.view(O, C), bias)
+        return out.view(B, Ho, Wo, O).permute(0, 3, 1, 2)
+    if (kh, kw) == (1, 1) and padding == (0, 0):
+        cols = x[:, :, ::stride[0], ::stride[1]].reshape(B, C, Ho * Wo)
+    else:
+        cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)
+    out = torch.matmul(weight.view(O, -1), cols)  # [B, O, Ho*Wo]
+    if bias is not None:
+        out += bias[:, None]
+    return out.view(B, O, Ho, Wo)
+
+
+def conv2d(x, weight, bias, stride, padding):
+    """F.conv2d (groups 1, dilation 1, zero padding), by oneDNN or by GEMM, whichever is faster here."""
+    if _gemm_wins(x.shape, x.device, weight, stride):
+        return _conv2d_gemm(x, weight, bias, stride, padding)
+    return F.conv2d(x, weight, bias, stride, padding)
+
+
+def conv2d_input_grad(x_shape, weight, grad, stride, padding):
+    """d loss / d x of conv2d(x, weight): the transposed convolution, by GEMM + col2im when that wins."""
+    if not _gemm_wins(x_shape, grad.device, weight, stride):
+        return torch.nn.grad.conv2d_input(x_shape, weight, grad, stride, padding)
+    B, C, H, W = x_shape
+    O, _, kh, kw = weight.shape
+    cols = torch.matmul(weight.view(O, -1).t(), grad.reshape(B, O, -1))  # [B, C*k*k, L]
+    if (kh, kw) == (1, 1) and padding == (0, 0) and stride == (1, 1):
+        return cols.view(x_shape)
+    return F.fold(cols, (H, W), (kh, kw), padding=padding, stride=stride)
+
+
 class _FrozenConv2d(torch.autograd.Function):
     """conv2d with a weight and bias that get no gradient: backward needs the weight, not the input."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding):
-        out = F.conv2d(x, weight, bias, stride, padding)
+        out = conv2d(x, weight, bias, stride, padding)
         ctx.save_for_backward(weight)
         ctx.x_shape, ctx.x_dtype, ctx.stride, ctx.padding = x.shape, x.dtype, stride, padding
         return out
@@ -80,22 +135,27 @@ class _FrozenConv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        dx = torch.nn.grad.conv2d_input(ctx.x_shape, weight.to(grad.dtype), grad, ctx.stride, ctx.padding)
+        dx = conv2d_input_grad(ctx.x_shape, weight.to(grad.dtype), grad, ctx.stride, ctx.padding)
         return dx.to(ctx.x_dtype), None, None, None, None
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters, same names) that does not keep its input when its weights are frozen."""
+    """nn.Conv2d (same parameters, same names) that does not keep its input when its weights are frozen,
+    and picks the faster of oneDNN and GEMM on the CPU (`conv2d`)."""
 
     def forward(self, x):
-        frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
-        if not (frozen and _needs_graph(x)) or self.dilation != (1, 1) or self.groups != 1:
+        if self.dilation != (1, 1) or self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str):
             return super().forward(x)
+        frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
+        if not frozen and torch.is_grad_enabled():
+            return super().forward(x)  # full fine-tuning: autograd's own convolution gives the weight gradient
+        weight, bias = self.weight, self.bias
         if torch.is_autocast_enabled(x.device.type):  # the cast autocast would have made for F.conv2d
             dtype = torch.get_autocast_dtype(x.device.type)
-            return _FrozenConv2d.apply(x.to(dtype), self.weight.to(dtype),
-                                       None if self.bias is None else self.bias.to(dtype), self.stride, self.padding)
-        return _FrozenConv2d.apply(x, self.weight, self.bias, self.stride, self.padding)
+            x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+        if _needs_graph(x):
+            return _FrozenConv2d.apply(x, weight, bias, self.stride, self.padding)
+        return conv2d(x, weight, bias, self.stride, self.padding)
 
 
 def _norm_silu(norm, x):
