@@ -15,7 +15,7 @@ import torch
 
 import dreambooth_min
 from dreambooth_min.errors import UserError
-from dreambooth_min.lora import apply_lora, load_lora
+from dreambooth_min.lora_file import apply_lora, load_lora
 from dreambooth_min.sampling import check_size, generate, image_grid, parameters_text, save_png
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

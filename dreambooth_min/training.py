@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import UserError
-from .lora import (TEXT_TARGETS, UNET_TARGETS, inject_lora, kohya_name, load_lora, lora_parameters, lora_state_dict,
-                   save_lora)
+from .lora import TEXT_TARGETS, UNET_TARGETS, inject_lora, lora_parameters
+from .lora_file import kohya_name, load_lora, lora_state_dict, save_lora
 from .scheduler import NUM_TRAIN_TIMESTEPS, add_noise, alphas_cumprod, v_target
 
 

@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dreambooth_min.errors import UserError
-from dreambooth_min.lora import (TEXT_TARGETS, UNET_TARGETS, LoRAConv1x1, LoRALinear, apply_lora, inject_lora,
-                                 kohya_name, load_lora, lora_parameters, lora_state_dict, save_lora)
+from dreambooth_min.lora import TEXT_TARGETS, UNET_TARGETS, LoRALinear, inject_lora, lora_parameters
+from dreambooth_min.lora_file import apply_lora, kohya_name, load_lora, lora_state_dict, save_lora
 
 torch.set_num_threads(1)
 
@@ -106,7 +106,7 @@ def test_merge_unmerge():
 def test_conv1x1_is_linear_on_channels():
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 6, 1)
-    lora = LoRAConv1x1(conv, rank=2, alpha=1)
+    lora = LoRALinear(conv, rank=2, alpha=1)
     randomize({"c": lora})
     assert lora.lora_down.weight.shape == (2, 8, 1, 1) and lora.lora_up.weight.shape == (6, 2, 1, 1)
     W = conv.weight + 0.5 * (lora.lora_up.weight.flatten(1) @ lora.lora_down.weight.flatten(1))[..., None, None]

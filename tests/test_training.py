@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from dreambooth_min import UserError, load
-from dreambooth_min.lora import apply_lora, load_lora
+from dreambooth_min.lora_file import apply_lora, load_lora
 from dreambooth_min.scheduler import add_noise, alphas_cumprod
 from dreambooth_min.training import TrainConfig, dreambooth_loss, lr_lambda, min_snr_weight, snr, train
 

@@ -1,8 +1,8 @@
 """Benchmarks against diffusers on the same random full-size SD 1.5 weights (not tests: nothing asserted).
 
-    python -m dreambooth_min.bench sample [--steps 20 --size 256 --repeats 2]
-    python -m dreambooth_min.bench train  [--size 512 --repeats 2]
-    python -m dreambooth_min.bench load
+    python -m benchmarks.cpu sample [--steps 20 --size 256 --repeats 2]
+    python -m benchmarks.cpu train  [--size 512 --repeats 2]
+    python -m benchmarks.cpu load
 
 sample: the DDIM loop (classifier-free guidance 7.5, so UNet batch 2) and the VAE decode, ours vs diffusers'
         StableDiffusionPipeline + DDIMScheduler, prompt embeddings precomputed for both.
@@ -121,8 +121,8 @@ def timed(fn, device, repeats):
 def run_sample(tool, a):
     from diffusers import AutoencoderKL as DAutoencoderKL
 
-    from .unet import UNet2DConditionModel, UNetConfig
-    from .vae import AutoencoderKL, VAEConfig
+    from dreambooth_min.unet import UNet2DConditionModel, UNetConfig
+    from dreambooth_min.vae import AutoencoderKL, VAEConfig
 
     dtype = getattr(torch, a.dtype)
     unet = diffusers_unet()
@@ -136,8 +136,8 @@ def run_sample(tool, a):
     x_T = torch.randn(1, 4, a.size // 8, a.size // 8, generator=g).to(a.device)
 
     if tool == "ours":
-        from .model import StableDiffusion
-        from .sampling import ddim_sample, decode
+        from dreambooth_min.model import StableDiffusion
+        from dreambooth_min.sampling import ddim_sample, decode
 
         sd = StableDiffusion(unet, vae, None, None, "sd1", "epsilon")
         fn = lambda: decode(sd, ddim_sample(unet, x_T, ctx, a.steps, 7.5, progress=False))
@@ -157,8 +157,8 @@ def run_sample(tool, a):
 
 
 def run_train(tool, a):
-    from .lora import UNET_TARGETS, inject_lora, lora_parameters
-    from .unet import UNet2DConditionModel, UNetConfig
+    from dreambooth_min.lora import UNET_TARGETS, inject_lora, lora_parameters
+    from dreambooth_min.unet import UNet2DConditionModel, UNetConfig
 
     dtype = getattr(torch, a.dtype)
     unet = diffusers_unet()
@@ -202,7 +202,7 @@ def run_load(_tool, a):
     """Write a random fp16 SD 1.5 single file (LDM layout) once, then time and measure `load`."""
     import os
 
-    from .checkpoint import load
+    from dreambooth_min.checkpoint import load
 
     path = a.file
     if not os.path.exists(path):
@@ -222,10 +222,10 @@ def make_sd15_file(path):
     """Seeded random weights with the real SD 1.5 single-file names and shapes, fp16 (as the released file)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .checkpoint import unet_rename_table, unrename, vae_rename_table
-    from .safetensors_io import save_atomic
-    from .unet import UNet2DConditionModel, UNetConfig
-    from .vae import AutoencoderKL, VAEConfig
+    from dreambooth_min.checkpoint import unet_rename_table, unrename, vae_rename_table
+    from dreambooth_min.safetensors_io import save_atomic
+    from dreambooth_min.unet import UNet2DConditionModel, UNetConfig
+    from dreambooth_min.vae import AutoencoderKL, VAEConfig
 
     g = torch.Generator().manual_seed(0)
     tensors = {}
@@ -268,7 +268,7 @@ def main(argv=None):
     print(f"{a.what}: {a.device} {a.dtype}, {a.size}px, torch {torch.__version__}, {torch.get_num_threads()} threads")
     results = {}
     for tool in CONFIGS[a.what]:
-        cmd = [sys.executable, "-m", "dreambooth_min.bench", *(argv or sys.argv[1:]), "--child", tool]
+        cmd = [sys.executable, "-m", "benchmarks.cpu", *(argv or sys.argv[1:]), "--child", tool]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
         if not line:
