@@ -1,6 +1,6 @@
 """Instance images -> tensors in [-1, 1] -> cached VAE latents.
 
-DreamBooth fine-tunes on 3-5 photos of one subject, so we decode and encode them once: the VAE
+DreamBooth fine-tunes on 3-10 photos of one subject, so we decode and encode them once: the VAE
 posterior N(mean, std^2) of each image (and of its mirror image, for random flips) is stored, and
 every step draws a fresh latent z = (mean + std * eps) * scaling_factor, as LDM's training does.
 """
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
+from tqdm.auto import tqdm
 
 from .errors import UserError
 
@@ -116,8 +117,14 @@ def load_instance_images(folder, resolution, prompt):
 # ---------------------------------------------------------------------------------------------
 # latent cache
 
+def epoch_order(n, seed, epoch):
+    """The order of the n photos in `epoch`: a permutation from a generator of its own per epoch, so
+    that any step's batch is known without replaying the run (resume)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
 @torch.no_grad()
-def encode_latents(vae, images, batch_size=4):
+def encode_latents(vae, images, batch_size=4, bar=None):
     """(mean, std) of the VAE posterior q(z|x) = N(mean, std^2) per image, fp32, on the VAE's device.
 
     std = exp(logvar / 2). Encoded once: the VAE is frozen during DreamBooth.
@@ -128,6 +135,8 @@ def encode_latents(vae, images, batch_size=4):
         mean, logvar = vae.encode(images[i:i + batch_size].to(p.device, p.dtype))
         means.append(mean.float())
         stds.append(torch.exp(0.5 * logvar.float()))
+        if bar is not None:
+            bar.update(len(mean))
     return torch.cat(means), torch.cat(stds)
 
 
@@ -138,10 +147,11 @@ class LatentCache:
     symmetric), so the mirror images are encoded too and one of the two is picked per step.
     """
 
-    def __init__(self, vae, images, batch_size=4, flip=True):
+    def __init__(self, vae, images, batch_size=4, flip=True, desc=None):
         self.scaling_factor = vae.scaling_factor
         views = [images, images.flip(-1)] if flip else [images]
-        pairs = [encode_latents(vae, v, batch_size) for v in views]
+        with tqdm(total=len(images) * len(views), desc=desc or "latents", unit="img", disable=desc is None) as bar:
+            pairs = [encode_latents(vae, v, batch_size, bar) for v in views]
         self.mean = torch.stack([m for m, _ in pairs], 1)  # [N, views, 4, h, w]
         self.std = torch.stack([s for _, s in pairs], 1)
 

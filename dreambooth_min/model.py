@@ -25,16 +25,3 @@ class StableDiffusion:
     def default_resolution(self):
         """Image side the model was trained at: 768 for the SD 2.x v-models, else 512."""
         return 768 if self.version == "sd2" and self.prediction_type == "v_prediction" else 512
-
-    @property
-    def device(self):
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self):
-        return next(self.unet.parameters()).dtype
-
-    def to(self, device=None, dtype=None):
-        for m in (self.unet, self.vae, self.text_encoder):
-            m.to(device=device, dtype=dtype)
-        return self

@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .errors import UserError
 
@@ -95,7 +94,31 @@ def atomic_path(path):
         raise
 
 
+def _header(tensors, metadata):
+    """The JSON header, keys sorted, padded with spaces to a multiple of 8 bytes (the format's alignment)."""
+    names = {v: k for k, v in DTYPES.items()}
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = {k: str(metadata[k]) for k in sorted(metadata)}
+    for name in sorted(tensors):
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)
+
+
 def save_atomic(tensors, path, metadata=None):
-    """Write a .safetensors file atomically."""
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    """Write a .safetensors file atomically, tensor by tensor.
+
+    We write the format ourselves rather than with safetensors.save_file, whose metadata order changes from
+    one process to the next: with sorted keys, the same tensors and metadata always give the same bytes."""
+    header = _header(tensors, metadata)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        for name in sorted(tensors):
+            t = tensors[name].detach().to("cpu").contiguous()
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it visible: a crash leaves the old file or this one

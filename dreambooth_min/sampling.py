@@ -38,10 +38,11 @@ def ddim_options(scheduler_config):
 
 
 def guided_prediction(unet, x, t, context, guidance):
-    """Classifier-free guidance (Ho & Salimans 2022, eq. 6): out = u + w (c - u).
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6): out = u + s (c - u).
 
-    `context` is [uncond; cond] (2B rows), so both halves run in one UNet batch. With w <= 1 there is
-    no unconditional half (as diffusers: w = 1 is the plain conditional model).
+    u and c are the unconditional and conditional outputs; s is diffusers' and A1111's "CFG scale", which
+    is the paper's 1 + w. `context` is [uncond; cond] (2B rows), so both halves run in one UNet batch. With
+    s <= 1 there is no unconditional half (as diffusers: s = 1 is the plain conditional model).
     """
     if guidance <= 1:
         return unet(x, t, context)
@@ -54,23 +55,36 @@ def _gaussian(generators, shape, like):
     return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]).to(like.device)
 
 
+def ddim_sampler(prediction_type="epsilon", eta=0.0, generators=None, set_alpha_to_one=False, clip_sample=False):
+    """DDIM (eq. 12) as a sampler step (x_t, model output, t, t_prev) -> x_{t_prev}.
+
+    With eta > 0 the step's noise z comes from `generators` (one per image, continuing after x_T, as diffusers).
+    """
+    def step(x, out, t, t_prev):
+        z = _gaussian(generators, (1,) + x.shape[1:], x) if eta > 0 else None
+        return ddim_step(x, out, t, t_prev, prediction_type, eta, z, set_alpha_to_one, clip_sample)
+    return step
+
+
 @torch.no_grad()
+def sample(unet, x_T, context, timesteps, sampler_step, guidance=7.5, progress=True):
+    """Run any sampler from x_T [B, C, h, w] through `timesteps` (largest first) down to x_0, guiding the
+    UNet with `context` [2B or B, 77, D]. The UNet runs in its own dtype (fp16 on CUDA); the sampler's
+    arithmetic stays in float32."""
+    x = x_T.float()
+    unet_dtype = next(unet.parameters()).dtype
+    for t, t_prev in zip(tqdm(timesteps, desc="sampling", disable=not progress), timesteps[1:] + [-1]):
+        out = guided_prediction(unet, x.to(unet_dtype), t, context, guidance).float()
+        x = sampler_step(x, out, t, t_prev)
+    return x
+
+
 def ddim_sample(unet, x_T, context, steps=50, guidance=7.5, eta=0.0, prediction_type="epsilon",
                 generators=None, progress=True, timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False,
                 clip_sample=False):
-    """Run DDIM from x_T [B, C, h, w] down to x_0 (float32), guiding the UNet with `context` [2B or B, 77, D].
-
-    The UNet runs in its own dtype (fp16 on CUDA); the DDIM arithmetic stays in float32. With eta > 0
-    the per-step noise z comes from `generators` (one per image, continuing after x_T, as diffusers).
-    """
-    x = x_T.float()
-    unet_dtype = next(unet.parameters()).dtype
-    ts = ddim_timesteps(steps, timestep_spacing, steps_offset)
-    for t, t_prev in zip(tqdm(ts, desc="DDIM", disable=not progress), ts[1:] + [-1]):
-        out = guided_prediction(unet, x.to(unet_dtype), t, context, guidance).float()
-        z = _gaussian(generators, (1,) + x.shape[1:], x) if eta > 0 else None
-        x = ddim_step(x, out, t, t_prev, prediction_type, eta, z, set_alpha_to_one, clip_sample)
-    return x
+    """DDIM with classifier-free guidance from x_T to x_0 (float32): `sample` with the DDIM step."""
+    step = ddim_sampler(prediction_type, eta, generators, set_alpha_to_one, clip_sample)
+    return sample(unet, x_T, context, ddim_timesteps(steps, timestep_spacing, steps_offset), step, guidance, progress)
 
 
 def vae_scale_factor(sd):

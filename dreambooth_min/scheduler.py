@@ -47,17 +47,20 @@ def v_target(x0, noise, t):
     return a.sqrt() * noise - (1 - a).sqrt() * x0
 
 
-# Conversions between predictions at one timestep. `a` is a_t: a float, or a tensor that broadcasts.
-# All follow from x_t = sqrt(a) x_0 + sqrt(1 - a) eps and the definition of v above.
+def snr(t):
+    """Signal-to-noise ratio of x_t: SNR(t) = a_t / (1 - a_t)  (Kingma et al. 2021, eq. 3), float32 like t's device."""
+    a = alphas_cumprod()[torch.as_tensor(t).cpu()]
+    return (a / (1 - a)).float().to(torch.as_tensor(t).device)
+
+
+# What the UNet predicts. Each parameterisation says, in one place, what the training target is, how to
+# read (x_0, eps) back from an output (for DDIM), and how its squared error relates to the error on x_0
+# (for min-SNR weighting). All follow from x_t = sqrt(a) x_0 + sqrt(1 - a) eps and v's definition;
+# `a` is a_t: a float, or a tensor that broadcasts.
 
 def x0_from_eps(x_t, eps, a):
     """x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a)  (DDIM eq. 12, "predicted x_0")."""
     return (x_t - (1 - a) ** 0.5 * eps) / a ** 0.5
-
-
-def eps_from_x0(x_t, x0, a):
-    """eps = (x_t - sqrt(a) x_0) / sqrt(1 - a)."""
-    return (x_t - a ** 0.5 * x0) / (1 - a) ** 0.5
 
 
 def x0_from_v(x_t, v, a):
@@ -70,18 +73,64 @@ def eps_from_v(x_t, v, a):
     return (1 - a) ** 0.5 * x_t + a ** 0.5 * v
 
 
-def v_from_eps(x_t, eps, a):
-    """v = sqrt(a) eps - sqrt(1 - a) x_0, with x_0 from eps."""
-    return a ** 0.5 * eps - (1 - a) ** 0.5 * x0_from_eps(x_t, eps, a)
+class Epsilon:
+    """The UNet predicts the noise eps (SD 1.x, SD 2.x 512-base)."""
+
+    @staticmethod
+    def target(x0, eps, t):
+        return eps
+
+    @staticmethod
+    def x0_and_eps(x_t, out, a):
+        return x0_from_eps(x_t, out, a), out
+
+    @staticmethod
+    def error_per_x0_error(snr):
+        """||eps - eps_hat||^2 = SNR * ||x_0 - x0_hat||^2."""
+        return snr
+
+
+class Velocity:
+    """The UNet predicts the velocity v = sqrt(a_t) eps - sqrt(1 - a_t) x_0 (SD 2.x 768-v)."""
+
+    @staticmethod
+    def target(x0, eps, t):
+        return v_target(x0, eps, t)
+
+    @staticmethod
+    def x0_and_eps(x_t, out, a):
+        return x0_from_v(x_t, out, a), eps_from_v(x_t, out, a)
+
+    @staticmethod
+    def error_per_x0_error(snr):
+        """||v - v_hat||^2 = (SNR + 1) * ||x_0 - x0_hat||^2."""
+        return snr + 1
+
+
+PREDICTIONS = {"epsilon": Epsilon, "v_prediction": Velocity}
+
+
+def prediction(prediction_type):
+    """The parameterisation named `prediction_type` ("epsilon" or "v_prediction")."""
+    try:
+        return PREDICTIONS[prediction_type]
+    except KeyError:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, not {prediction_type!r}") from None
 
 
 def predicted_x0_and_eps(x_t, model_output, a, prediction_type):
     """(x_0, eps) implied by the UNet's output at a_t, whatever it predicts."""
-    if prediction_type == "epsilon":
-        return x0_from_eps(x_t, model_output, a), model_output
-    if prediction_type == "v_prediction":
-        return x0_from_v(x_t, model_output, a), eps_from_v(x_t, model_output, a)
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, not {prediction_type!r}")
+    return prediction(prediction_type).x0_and_eps(x_t, model_output, a)
+
+
+def min_snr_weight(t, gamma, prediction_type):
+    """Min-SNR-gamma loss weights (Hang et al. 2023, eq. 8), for a loss on whatever the UNet predicts.
+
+    On x_0 the weight is min(SNR, gamma); dividing by the factor between the prediction's squared error
+    and x_0's (SNR for eps, SNR + 1 for v) gives the same weighting for the eps or v loss.
+    """
+    s = snr(t)
+    return torch.minimum(s, torch.full_like(s, gamma)) / prediction(prediction_type).error_per_x0_error(s)
 
 
 # ---------------------------------------------------------------------------------------------------

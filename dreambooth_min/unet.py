@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from .errors import UserError
-from .layers import Conv2d, ResnetBlock2D, Upsample2D, attention, norm_silu, recompute_cheap_ops, whole_block_recomputed
+from .layers import ResnetBlock2D, Upsample2D, attention
+from .memory import Conv2d, norm_silu, recompute_cheap, recompute_in_backward
 
 
 @dataclass
@@ -165,7 +165,7 @@ class GEGLU(nn.Module):
     def forward(self, x):
         h = self.proj(x)
         # In training keep only h: a, GELU(gate) and gate would be 1.5x its size (recomputed in backward).
-        return checkpoint(_geglu, h, use_reentrant=False) if recompute_cheap_ops(h) else _geglu(h)
+        return recompute_cheap(_geglu, h)
 
 
 def _geglu(h):
@@ -277,31 +277,11 @@ def _run(module, ckpt, *args):
     What is worth recomputing depends on what a block would store. A res block whose weights are frozen
     (LoRA training) stores only its two norm inputs, since a frozen convolution keeps nothing: recomputing
     its two convolutions would buy little memory for much time, so it runs normally. In a transformer the
-    attention kernel's result is kept (`_keep_attention`): it is one activation, and recomputing it is the
+    attention kernel's result is kept (memory.recompute_in_backward): it is one activation, and recomputing it is the
     most expensive part of the block (quadratic in the pixels); everything around it is recomputed."""
     if not ckpt or (isinstance(module, ResnetBlock2D) and not any(p.requires_grad for p in module.parameters())):
         return module(*args)
-    context_fn = _keep_attention if isinstance(module, Transformer2DModel) else noop_context_fn
-    return checkpoint(_whole, module, *args, use_reentrant=False, context_fn=context_fn)
-
-
-def _whole(module, *args):
-    with whole_block_recomputed():
-        return module(*args)
-
-
-_ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (
-    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
-    if hasattr(torch.ops.aten, name)}
-
-
-def _attention_policy(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _keep_attention():
-    return create_selective_checkpoint_contexts(_attention_policy)
+    return recompute_in_backward(module, *args, keep_attention=isinstance(module, Transformer2DModel))
 
 
 def _transformer(cfg, level, channels):

@@ -80,13 +80,23 @@ def test_prediction_round_trips(t):
     v = S.v_target(x0, eps, torch.tensor([t, t]))
     close = lambda p, q: torch.allclose(p, q, atol=1e-9 / min(a, 1 - a))  # x0 from eps divides by sqrt(a)
     assert close(S.x0_from_eps(x_t, eps, a), x0)
-    assert close(S.eps_from_x0(x_t, x0, a), eps)
+    assert close(_eps_from_x0(x_t, x0, a), eps)
     assert close(S.x0_from_v(x_t, v, a), x0)
     assert close(S.eps_from_v(x_t, v, a), eps)
-    assert close(S.v_from_eps(x_t, eps, a), v)
+    assert close(_v_from_eps(x_t, eps, a), v)
     for kind, out in (("epsilon", eps), ("v_prediction", v)):
         x0_hat, eps_hat = S.predicted_x0_and_eps(x_t, out, a, kind)
         assert close(x0_hat, x0) and close(eps_hat, eps)
+        t_batch = torch.tensor([t, t])
+        assert close(S.prediction(kind).target(x0, eps, t_batch), out)  # the training target is the same thing
+
+
+def _eps_from_x0(x_t, x0, a):
+    return (x_t - a ** 0.5 * x0) / (1 - a) ** 0.5
+
+
+def _v_from_eps(x_t, eps, a):
+    return a ** 0.5 * eps - (1 - a) ** 0.5 * S.x0_from_eps(x_t, eps, a)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -157,8 +167,8 @@ def test_ddim_with_oracle_model_recovers_x0(kind, set_alpha_to_one):
     x = S.add_noise(x0, eps, torch.tensor([ts[0]]))
     for t, t_prev in zip(ts, ts[1:] + [-1]):
         a = S.alphas_cumprod()[t].item()
-        true_eps = S.eps_from_x0(x, x0, a)
-        out = true_eps if kind == "epsilon" else S.v_from_eps(x, true_eps, a)
+        true_eps = _eps_from_x0(x, x0, a)
+        out = true_eps if kind == "epsilon" else _v_from_eps(x, true_eps, a)
         x = S.ddim_step(x, out, t, t_prev, kind, set_alpha_to_one=set_alpha_to_one)
     expected = x0 if set_alpha_to_one else S.add_noise(x0, eps, torch.tensor([0]))
     assert (x - expected).abs().max().item() < 1e-10

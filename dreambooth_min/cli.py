@@ -1,0 +1,74 @@
+"""The command lines' shared plumbing: flags generated from a settings dataclass, and one-line errors.
+
+A field `class_noun: str = option("person", "what the subject is", group)` becomes `--class-noun` with
+that help in that group; a bool that defaults to True becomes `--no-<name>`; `alias=(flag, value)` adds
+a flag that sets the field to a fixed value (--no-prior = --prior-weight 0).
+"""
+import argparse
+import dataclasses
+import sys
+
+from .config import SettingError
+from .errors import UserError
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def _add_option(group, f):
+    meta = dict(f.metadata)
+    help, flags = meta.pop("help"), meta.pop("flags", (flag(f.name),))
+    meta.pop("group")
+    alias = meta.pop("alias", None)
+    if f.type in (bool, "bool"):
+        if f.default:
+            group.add_argument(flag("no_" + f.name), dest=f.name, action="store_false", help=help)
+        else:
+            group.add_argument(*flags, dest=f.name, action="store_true", help=help)
+        return
+    kind = {"int": int, "float": float, "tuple": _comma_list}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+    default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+    shown = f" (default: {default!r})" if isinstance(default, str) and default else \
+        "" if default in ("", 0, 0.0) or "(0:" in help else f" (default: {default})"
+    if "choices" not in meta:
+        meta.setdefault("metavar", {int: "N", float: "X", _comma_list: "A,B,..."}.get(kind, "TEXT"))
+    group.add_argument(*flags, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help + shown, **meta)
+    if alias:
+        group.add_argument(alias[0], dest=f.name, action="store_const", const=alias[1], default=argparse.SUPPRESS,
+                           help=f"= {flags[0]} {alias[1]}")
+
+
+def _comma_list(text):
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def add_options(parser, settings_class):
+    """One flag per field of `settings_class`, in argument groups named by the fields' `group`."""
+    groups = {}
+    for f in dataclasses.fields(settings_class):
+        name = f.metadata["group"]
+        if name not in groups:
+            groups[name] = parser.add_argument_group(name)
+        _add_option(groups[name], f)
+    return parser
+
+
+def settings_from_args(settings_class, args):
+    """The dataclass with every flag the user gave; the others keep the fields' defaults."""
+    names = {f.name for f in dataclasses.fields(settings_class)}
+    return settings_class(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def run_command(main):
+    """Run main(); a UserError becomes one `error:` line and exit status 2, Ctrl-C exit status 130."""
+    try:
+        return main()
+    except SettingError as e:
+        print(f"error: {flag(e.setting)} {e.problem}", file=sys.stderr)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 2

@@ -1,0 +1,146 @@
+"""Every setting of a training run, declared once: name, type, default and a one-line help.
+
+train.py builds its command line from these fields (cli.py); config.json stores them; `check` validates
+them before any slow work. A bad value raises SettingError, which names the setting: the library says
+"rank must be positive", the command line says "--rank must be positive".
+"""
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+from .lora import UNET_TARGETS
+
+
+class SettingError(UserError):
+    """A bad value of one setting. str() names the field; cli.py names the flag instead."""
+
+    def __init__(self, setting, problem):
+        super().__init__(f"{setting} {problem}")
+        self.setting, self.problem = setting, problem
+
+
+def option(default, help, group, **argparse_extras):
+    """A dataclass field with what the command line needs: its help line and its --help group."""
+    return field(default=default, metadata=dict(help=help, group=group, **argparse_extras))
+
+
+SUBJECT, PRIOR, LORA, OPTIM, HARDWARE, OUTPUTS = ("what to learn", "prior preservation (DreamBooth eq. 2)", "LoRA",
+                                                 "optimisation", "hardware", "outputs")
+
+
+@dataclass
+class TrainConfig:
+    images: str = option("", "a folder of 3-10 photos of the subject (jpg/png/webp/bmp/tiff; "
+                             "name.txt beside name.jpg = its caption)", SUBJECT, metavar="FOLDER")
+    class_noun: str = option("person", "what the subject is, e.g. dog, girl, backpack: the prior's class", SUBJECT)
+    prompt: str = option("a photo of sks {class_noun}", "instance prompt; 'sks' is the rare token that comes to "
+                         "mean your subject", SUBJECT)
+    model: str = option("", "checkpoint: a .safetensors file or a diffusers folder (default: the one model "
+                            "in weights/)", SUBJECT, metavar="PATH")
+    prediction_type: str = option("", "override the detected prediction type", SUBJECT,
+                                  choices=("epsilon", "v_prediction"))
+    resolution: int = option(0, "training size in pixels (0: 512 for SD 1.x and 2.x-base, 768 for SD 2.x "
+                                "v-models)", SUBJECT)
+    flip: bool = option(True, "no random horizontal flips: for asymmetric subjects (text, logos)", SUBJECT)
+
+    prior_weight: float = option(1.0, "lambda, the weight of the class-image loss; 0 (or --no-prior) trains on "
+                                      "the subject's photos alone", PRIOR, alias=("--no-prior", 0.0))
+    class_prompt: str = option("a photo of {class_noun}", "prompt of the class images", PRIOR)
+    num_class_images: int = option(100, "class images drawn by the base model", PRIOR)
+    class_dir: str = option("", "where class images are kept and reused (default: "
+                                "class_images/<model>/<prompt>-<resolution>)", PRIOR)
+    class_steps: int = option(30, "DDIM steps per class image", PRIOR)
+
+    rank: int = option(4, "LoRA rank r", LORA)
+    alpha: float = option(0.0, "LoRA alpha; scale = alpha / rank (0: = rank, scale 1)", LORA)
+    lora_targets: tuple = option(UNET_TARGETS, "UNet layers to adapt, by module-name suffix, comma-separated; "
+                                 "also e.g. proj_in, proj_out, ff.net.0.proj, ff.net.2", LORA)
+    train_text_encoder: bool = option(False, "also adapt the text encoder's attention (q/k/v/out_proj)", LORA)
+
+    epochs: int = option(300, "passes over the instance images", OPTIM)
+    steps: int = option(0, "optimizer steps; overrides --epochs when > 0", OPTIM)
+    lr: float = option(1e-4, "AdamW learning rate of the LoRA factors", OPTIM)
+    text_encoder_lr: float = option(0.0, "learning rate of the text-encoder LoRA (0: = --lr)", OPTIM)
+    lr_schedule: str = option("constant", "learning-rate schedule after the linear warmup", OPTIM,
+                              choices=("constant", "cosine"), flags=("--lr-schedule", "--lr-scheduler"))
+    warmup_steps: int = option(0, "linear warmup steps", OPTIM)
+    weight_decay: float = option(1e-2, "AdamW weight decay", OPTIM)
+    batch_size: int = option(1, "instance images per step; as many class images are added", OPTIM)
+    grad_accum: int = option(1, "micro-batches per optimizer step", OPTIM)
+    max_grad_norm: float = option(1.0, "gradient clipping", OPTIM)
+    snr_gamma: float = option(0.0, "min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5; 0 disables", OPTIM)
+    offset_noise: float = option(0.0, "offset-noise strength, e.g. 0.05; 0 disables", OPTIM)
+    seed: int = option(0, "seed of every random draw", OPTIM)
+
+    device: str = option("", "cuda or cpu (default: cuda if available)", HARDWARE)
+    precision: str = option("", "fp16 = frozen fp16 base + autocast + GradScaler (default on CUDA; on the CPU "
+                                "for testing only, slow); bf16; fp32 (default on the CPU)", HARDWARE,
+                            choices=("fp16", "bf16", "fp32"))
+    gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, ~30%% slower",
+                                          HARDWARE)
+
+    output: str = option("", "run folder (default: runs/<timestamp>)", OUTPUTS)
+    save_every: int = option(250, "checkpoint every N steps; 0: only at the end and on Ctrl-C", OUTPUTS)
+    keep_checkpoints: int = option(2, "how many checkpoints to keep", OUTPUTS)
+    validate_every: int = option(50, "sample the validation prompt every N epochs; 0 disables", OUTPUTS)
+    validation_prompt: str = option("{prompt} in the snow", "what validation draws ({prompt}: the instance prompt)",
+                                    OUTPUTS)
+    validation_images: int = option(4, "images per validation, fixed seeds", OUTPUTS)
+    validation_steps: int = option(30, "DDIM steps per validation image", OUTPUTS)
+
+    def resolved_prompts(self):
+        """(instance, class, validation) prompts with {class_noun} and {prompt} filled in."""
+        prompt = _fill("prompt", self.prompt, class_noun=self.class_noun)
+        return prompt, _fill("class_prompt", self.class_prompt, class_noun=self.class_noun), \
+            _fill("validation_prompt", self.validation_prompt, prompt=prompt, class_noun=self.class_noun)
+
+    def check(self):
+        """Raise SettingError for a setting that cannot train anything (before any slow work)."""
+        positive = ["rank", "batch_size", "grad_accum", "lr", "class_steps"] + ["epochs"] * (not self.steps)
+        if self.validate_every:
+            positive += ["validation_images", "validation_steps"]
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise SettingError(name, f"must be positive, not {getattr(self, name)}")
+        for name in ("steps", "num_class_images", "prior_weight", "warmup_steps", "validate_every", "save_every",
+                     "snr_gamma", "offset_noise", "alpha", "resolution"):
+            if getattr(self, name) < 0:
+                raise SettingError(name, f"must not be negative, not {getattr(self, name)}")
+        if self.resolution % 8:
+            raise SettingError("resolution", f"must be a multiple of 8, not {self.resolution}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices + ("",):
+                raise SettingError(f.name, f"must be one of {', '.join(choices)}, not {getattr(self, f.name)!r}")
+        self.resolved_prompts()
+
+    def schedule_length(self, n_images):
+        """(micro-batches per epoch, optimizer steps in the run) for `n_images` photos."""
+        micro_per_epoch = math.ceil(n_images / min(self.batch_size, n_images))
+        return micro_per_epoch, self.steps or math.ceil(self.epochs * micro_per_epoch / self.grad_accum)
+
+    @property
+    def use_prior(self):
+        return self.prior_weight > 0 and self.num_class_images > 0
+
+
+def _fill(name, template, **values):
+    try:
+        return template.format(**values)
+    except (KeyError, IndexError, ValueError) as e:
+        raise SettingError(name, f"has an unknown placeholder {e}: only {{{'}, {'.join(values)}}} are filled "
+                                 "in; write literal braces as {{ }}") from None
+
+
+def config_from_json(path):
+    """The TrainConfig saved in a run's config.json (for --resume); fields it lacks keep their defaults."""
+    try:
+        saved = json.loads(Path(path).read_text())["config"]
+    except (OSError, KeyError, ValueError) as e:
+        raise UserError(f"cannot read the run's configuration {path}: {e}") from None
+    saved.setdefault("lr_schedule", saved.pop("lr_scheduler", "constant"))  # the name before 0.2
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names})

@@ -1,0 +1,83 @@
+"""DreamBooth (Ruiz et al. 2023): the batch, the loss and one training step.
+
+DreamBooth fine-tunes the denoiser on a few photos of one subject, captioned "a photo of sks dog", while a
+prior-preservation term keeps it able to draw other dogs. With x the subject's latents, c their caption,
+x_pr the frozen model's own class images ("a photo of dog", caption c_pr), and x_t = sqrt(a_t) x + sqrt(1 - a_t) eps:
+
+    L = E_{x,c,eps,t}[ w_t || x̂(x_t, c) - y ||^2 ]  +  lambda * E_{x_pr,c_pr,eps',t'}[ w_t' || x̂(x'_t', c_pr) - y' ||^2 ]
+        (eq. 1: the subject)                             (eq. 2 adds this: the class prior)
+
+where the target y is the noise eps or the velocity v, whichever the model predicts (scheduler.Epsilon /
+Velocity), and w_t = 1, or min-SNR-gamma (Hang et al. 2023). Only LoRA factors are trained (lora.py).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .scheduler import NUM_TRAIN_TIMESTEPS, add_noise, min_snr_weight, prediction
+
+
+@dataclass
+class Batch:
+    """x_0, eps and t of one step: the subject's rows first, then as many class rows."""
+    latents: torch.Tensor  # x_0 [B, 4, h, w]
+    noise: torch.Tensor  # eps [B, 4, h, w]
+    timesteps: torch.Tensor  # t [B]
+    prompts: list  # one caption per row
+    n_instance: int  # how many leading rows are the subject's
+
+    def shard(self, rank, world):
+        """This process's share of a global batch: its slice of the subject's rows and of the class rows."""
+        n, m = self.n_instance // world, (len(self.prompts) - self.n_instance) // world
+        rows = list(range(rank * n, (rank + 1) * n)) + \
+            list(range(self.n_instance + rank * m, self.n_instance + (rank + 1) * m))
+        return Batch(self.latents[rows], self.noise[rows], self.timesteps[rows], [self.prompts[i] for i in rows], n)
+
+
+def assemble_batch(instance_latents, captions, index, class_latents, class_prompt, generator, offset_noise=0.0):
+    """The subject's images `index`, as many of the model's own class images drawn at random, and their
+    noise eps ~ N(0, I) and timesteps t ~ U{0, ..., 999}.
+
+    `instance_latents` / `class_latents` are data.LatentCache objects (a fresh latent sample per call);
+    `class_latents` is None without prior preservation. Every draw comes from the CPU `generator`, so a
+    run is the same on every device.
+    """
+    x, prompts = instance_latents.sample(index, generator), [captions[i] for i in index]
+    if class_latents is not None:
+        class_index = torch.randint(len(class_latents), (len(index),), generator=generator)
+        x = torch.cat([x, class_latents.sample(class_index, generator)])
+        prompts = prompts + [class_prompt] * len(index)
+    eps = torch.randn(x.shape, generator=generator)
+    if offset_noise:  # a per-channel constant too, so the model can learn overall brightness (Guttenberg 2023)
+        eps = eps + offset_noise * torch.randn(x.shape[:2] + (1, 1), generator=generator)
+    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x),), generator=generator)
+    return Batch(x, eps, t, prompts, len(index))
+
+
+def dreambooth_loss(pred, target, n_instance, prior_weight, weights=None):
+    """DreamBooth eq. 2 on a batch [instance rows; class rows]: (loss, instance part, prior part).
+
+    Each row's squared error is averaged over its pixels and optionally weighted (min-SNR); the two parts
+    are means over their rows, the prior part multiplied by lambda = `prior_weight`.
+    """
+    per_row = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if weights is not None:
+        per_row = per_row * weights
+    instance = per_row[:n_instance].mean()
+    prior = per_row[n_instance:].mean() if len(per_row) > n_instance else torch.zeros_like(instance)
+    return instance + prior_weight * prior, instance, prior
+
+
+def dreambooth_step(unet, batch, context, prediction_type, prior_weight=1.0, snr_gamma=0.0):
+    """One evaluation of the DreamBooth loss (eq. 1 + lambda * eq. 2's prior term): (loss, instance, prior).
+
+    `context` [B, 77, D] is the text encoding of batch.prompts. The UNet runs in its own dtype and device.
+    """
+    weight = unet.conv_in.weight
+    x0, eps, t = (v.to(weight.device) for v in (batch.latents, batch.noise, batch.timesteps))  # [B, 4, h, w], [B]
+    x_t = add_noise(x0, eps, t)                                  # q(x_t | x_0) = N(sqrt(a_t) x_0, (1 - a_t) I), DDPM eq. 4
+    target = prediction(prediction_type).target(x0, eps, t)      # y = eps, or v
+    pred = unet(x_t.to(weight.dtype), t, context)                # x̂(x_t, c)
+    w = min_snr_weight(t, snr_gamma, prediction_type) if snr_gamma > 0 else None
+    return dreambooth_loss(pred, target, batch.n_instance, prior_weight, w)
