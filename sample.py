@@ -15,7 +15,7 @@ import torch
 
 import dreambooth_min
 from dreambooth_min.errors import UserError
-from dreambooth_min.lora_file import apply_lora, load_lora
+from dreambooth_min.lora_file import apply_lora, load_lora, lora_label, parse_lora_arg
 from dreambooth_min.sampling import check_size, generate, image_grid, parameters_text, save_png
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -23,7 +23,11 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="a .safetensors checkpoint or a diffusers folder (default: the one model in weights/)")
+    p.add_argument("--model", help="a .safetensors checkpoint, a diffusers folder, a Hugging Face Hub repo id "
+                                   "(owner/name or owner/name/file.safetensors; downloaded once into the Hugging Face "
+                                   "cache) or a short name: sd15, sd21, sd21-base (default: the one model in weights/, "
+                                   "else sd15)")
+    p.add_argument("--revision", help="branch, tag or commit of a Hub --model (default: main)")
     p.add_argument("--prompt", required=True, help="what to draw; may be empty")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: empty)")
     p.add_argument("--out", default="out.png", help="output PNG (default: out.png)")
@@ -35,8 +39,10 @@ def parse_args(argv=None):
     p.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: 768 for SD 2.x v-models, else 512)")
     p.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: as --height's default)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like noise (default: 0)")
-    p.add_argument("--lora", help="a LoRA .safetensors file (kohya / diffusers format) to apply")
-    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA (default: 1.0)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA .safetensors file (kohya LoRA / LoCon, or diffusers / peft) and its strength, e.g. "
+                        "style.safetensors:0.8; repeat to combine several (default strength: --lora-scale)")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of a --lora without :SCALE (default: 1.0)")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
                    help="override what the UNet predicts (SD 2.x single files: a <name>.yaml beside the file, "
                         "else the name decides: '512' or 'base' = epsilon, otherwise v)")
@@ -67,14 +73,14 @@ def run(args):
         raise UserError("--device cuda asked for, but CUDA is not available: use --device cpu")
     dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
 
+    loras = [parse_lora_arg(text, args.lora_scale) for text in args.lora]  # missing files: fail before loading
     model_path = args.model or dreambooth_min.find_default_model()
-    sd = dreambooth_min.load(model_path, dtype=dtype, device=device, prediction_type=args.prediction_type)
-    lora = None
-    if args.lora:
-        apply_lora(sd.unet, sd.text_encoder, load_lora(args.lora)[0], scale=args.lora_scale)
-        name = Path(args.lora).resolve()
-        name = f"{name.parent.name}/{name.stem}" if name.stem == "lora" else name.stem  # runs/<run>/lora -> <run>/lora
-        lora = f"{name}:{args.lora_scale}"
+    sd = dreambooth_min.load(model_path, dtype=dtype, device=device, prediction_type=args.prediction_type,
+                             revision=args.revision)
+    for path, scale in loras:  # merged one after another: W + sum_i scale_i (alpha_i / r_i) B_i A_i
+        tensors, metadata = load_lora(path)
+        apply_lora(sd.unet, sd.text_encoder, tensors, scale=scale, metadata=metadata)
+    lora = lora_label(loras)
     height = sd.default_resolution if args.height is None else args.height
     width = sd.default_resolution if args.width is None else args.width
 

@@ -19,12 +19,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 usage="%(prog)s --images FOLDER [options]  |  %(prog)s --resume RUN [--device D]")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its latest checkpoint, with "
-                   "its config.json (model, images, every setting); only --device may be given with it")
+                   "its config.json (model, images, every setting); only --device and --gradient-checkpointing (same result, less memory) may be given with it")
     add_options(p, TrainConfig)
     args = p.parse_args(argv)
     if args.resume:
         given = [a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")]
-        extra = sorted(set(given) - {"--resume", "--device"})
+        extra = sorted(set(given) - {"--resume", "--device", "--gradient-checkpointing"})
         if extra:
             p.error(f"--resume continues a run with its own config.json: {', '.join(extra)} cannot be changed")
     elif not getattr(args, "images", ""):
@@ -38,6 +38,7 @@ def main(argv=None):
     if args.resume:
         cfg = config_from_json(f"{args.resume}/config.json")
         cfg.output, cfg.device = args.resume, getattr(args, "device", "") or cfg.device
+        cfg.gradient_checkpointing = cfg.gradient_checkpointing or args.gradient_checkpointing
     else:
         cfg = settings_from_args(TrainConfig, args)
     result = train(cfg, resume=bool(args.resume))

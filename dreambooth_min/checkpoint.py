@@ -26,8 +26,7 @@ import torch
 from .errors import UserError
 from .model import StableDiffusion
 from .safetensors_io import PICKLE_HINT, SafetensorsFile
-from .text import (convert_open_clip, load_tokenizer, match_text_prefix, text_config_from_json,
-                   text_config_from_state_dict)
+from .text import load_tokenizer
 from .unet import UNet2DConditionModel, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
@@ -226,16 +225,102 @@ def fill(module, sources, what):
     return module
 
 
-def _load_text(sd_tensors, version, dtype, device, config=None):
+HIDDEN_ACT = {"sd1": "quick_gelu", "sd2": "gelu"}  # OpenAI CLIP: x*sigmoid(1.702x); OpenCLIP ViT-H: exact GELU
+
+
+# ---------------------------------------------------------------------------------------------------
+# The text encoder: configs from tensors or JSON, OpenCLIP (SD 2.x) -> CLIPTextModel
+
+def text_config_from_state_dict(tensors, version, heads=None):
+    """CLIPTextConfig from tensor shapes (keys with or without `text_model.`).
+
+    The head count is not stored in any tensor. Rule: heads of 64 channels when the width allows it
+    (CLIP-L 768 -> 12, OpenCLIP-H 1024 -> 16), otherwise 8 channels per head (tiny test models: 32 -> 4).
+    Pass `heads` to override.
+    """
+    from transformers import CLIPTextConfig
+
+    tensors = {k.removeprefix("text_model."): v for k, v in tensors.items()}
+    try:
+        vocab, hidden = tensors["embeddings.token_embedding.weight"].shape
+        positions = tensors["embeddings.position_embedding.weight"].shape[0]
+        intermediate = tensors["encoder.layers.0.mlp.fc1.weight"].shape[0]
+    except KeyError as e:
+        raise UserError(f"unknown text encoder architecture: tensor {e.args[0]} not found") from None
+    layers = len({k.split(".")[2] for k in tensors if k.startswith("encoder.layers.")})
+    if heads is None:
+        heads = hidden // 64 if hidden % 64 == 0 else hidden // 8
+    return CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                          num_attention_heads=heads, max_position_embeddings=positions, hidden_act=HIDDEN_ACT[version],
+                          layer_norm_eps=1e-5,
+                          bos_token_id=vocab - 2, eos_token_id=vocab - 1)  # CLIP's special tokens are the last two
+
+
+def text_config_from_json(config):
+    """CLIPTextConfig from a diffusers folder's text_encoder/config.json dict (bookkeeping keys dropped)."""
+    from transformers import CLIPTextConfig
+
+    skip = ("architectures", "transformers_version", "model_type", "torch_dtype", "dtype")
+    return CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_") and k not in skip})
+
+
+def match_text_prefix(tensors, model):
+    """`tensors` with their keys renamed to `model`'s convention: transformers 4 and SD files say
+    `text_model.encoder...`, transformers 5's CLIPTextModel says `encoder...`. Drops `position_ids`,
+    a constant arange that transformers 5 no longer saves (non-persistent buffer)."""
+    prefix = "text_model." if any(k.startswith("text_model.") for k in model.state_dict()) else ""
+    return {prefix + k.removeprefix("text_model."): v for k, v in tensors.items() if not k.endswith("position_ids")}
+
+
+def convert_open_clip(tensors):
+    """OpenCLIP text-tower tensors (keys without `cond_stage_model.model.`) -> CLIPTextModel tensors.
+
+    SD 2.x uses the output of resblock L-2 followed by ln_final, so the last resblock is dropped and the
+    result is an (L-1)-layer CLIPTextModel whose final_layer_norm is ln_final. nn.MultiheadAttention
+    stores q, k, v stacked in `in_proj_*` [3D, D]; CLIP keeps them as separate Linear layers.
+    text_projection and logit_scale (contrastive head) are not used for conditioning.
+    """
+    blocks = sorted({int(m.group(1)) for k in tensors if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k))})
+    if not blocks or "token_embedding.weight" not in tensors:
+        raise UserError("unknown text encoder architecture: no OpenCLIP token_embedding / resblocks")
+    last = blocks[-1]
+    p = "text_model."
+    out = {p + "embeddings.token_embedding.weight": tensors["token_embedding.weight"],
+           p + "embeddings.position_embedding.weight": tensors["positional_embedding"]}
+    renames = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+               "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    for key, value in tensors.items():
+        # `attn.in_proj_weight` -> `attn.in_proj.weight`, so every block tensor reads as <module>.<weight|bias>
+        m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$", key.replace("in_proj_", "in_proj."))
+        if key in ("token_embedding.weight", "positional_embedding", "text_projection", "logit_scale", "attn_mask"):
+            continue
+        elif key.startswith("ln_final."):
+            out[p + "final_layer_norm." + key.split(".")[-1]] = value
+        elif m is None:
+            raise UserError(f"unknown text encoder architecture: unexpected OpenCLIP tensor {key}")
+        elif int(m.group(1)) == last:
+            continue  # the last layer: SD 2.x never uses its output
+        elif m.group(2) == "attn.in_proj":
+            q, k, v = value.chunk(3, dim=0)
+            for name, t in zip(("q_proj", "k_proj", "v_proj"), (q, k, v)):
+                out[f"{p}encoder.layers.{m.group(1)}.self_attn.{name}.{m.group(3)}"] = t
+        elif m.group(2) in renames:
+            out[f"{p}encoder.layers.{m.group(1)}.{renames[m.group(2)]}.{m.group(3)}"] = value
+        else:
+            raise UserError(f"unknown text encoder architecture: unexpected OpenCLIP tensor {key}")
+    return out
+
+
+def _load_text(text_tensors, version, dtype, device, config=None):
     """transformers' CLIPTextModel from (HF-named) tensors; `config` from a folder, else inferred."""
     from transformers import CLIPTextModel
 
     if config is None:
-        config = text_config_from_state_dict(sd_tensors, version)
+        config = text_config_from_state_dict(text_tensors, version)
     with torch.device("meta"):
         model = CLIPTextModel(config)
     model = model.to(dtype).to_empty(device=device)
-    tensors = match_text_prefix(sd_tensors, model)  # `text_model.` or not, position_ids dropped
+    tensors = match_text_prefix(text_tensors, model)  # `text_model.` or not, position_ids dropped
     fill(model, ((k, lambda v=v: v) for k, v in tensors.items()), "text encoder")
     for m in model.modules():  # to_empty left the non-persistent position ids uninitialised
         if isinstance(getattr(m, "position_ids", None), torch.Tensor):
@@ -274,12 +359,12 @@ def _load_single_file(path, dtype, device):
     vae = load_part(AutoencoderKL, vae_cfg, VAE_PREFIX, vae_shapes, vae_rename_table(vae_cfg), "VAE")
     version = "sd2" if unet_cfg.use_linear_projection else "sd1"
     if any(k.startswith(OPEN_CLIP_PREFIX) for k in shapes):
-        text_sd = convert_open_clip({k[len(OPEN_CLIP_PREFIX):]: f.read(k) for k in shapes if k.startswith(OPEN_CLIP_PREFIX)})
+        text_tensors = convert_open_clip({k[len(OPEN_CLIP_PREFIX):]: f.read(k) for k in shapes if k.startswith(OPEN_CLIP_PREFIX)})
     elif any(k.startswith(HF_CLIP_PREFIX) for k in shapes):
-        text_sd = {k[len(HF_CLIP_PREFIX):]: f.read(k) for k in shapes if k.startswith(HF_CLIP_PREFIX)}
+        text_tensors = {k[len(HF_CLIP_PREFIX):]: f.read(k) for k in shapes if k.startswith(HF_CLIP_PREFIX)}
     else:
         raise UserError(f"{path} has no text encoder ({HF_CLIP_PREFIX}* or {OPEN_CLIP_PREFIX}*)")
-    text_encoder = _load_text(text_sd, version, dtype, device)
+    text_encoder = _load_text(text_tensors, version, dtype, device)
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(version), version=version,
                 prediction_type=_single_file_prediction_type(path, version), scheduler_config={})
 
@@ -347,15 +432,18 @@ def _load_folder(path, dtype, device):
                 scheduler_config=scheduler_config)
 
 
-def load(path, dtype=torch.float32, device="cpu", prediction_type=None):
-    """Load a Stable Diffusion 1.x / 2.x checkpoint: a single LDM `.safetensors` file or a diffusers folder.
+def load(path, dtype=torch.float32, device="cpu", prediction_type=None, revision=None, log=print):
+    """Load a Stable Diffusion 1.x / 2.x checkpoint: a single LDM `.safetensors` file or a diffusers folder,
+    or a model by name (a Hub repo id, `owner/repo/file.safetensors`, a short name such as "sd15"), which
+    hub.resolve_model fetches into the Hugging Face cache at `revision` (see hub.py).
 
     Weights stored in fp16/bf16 are cast to `dtype`. Extra tensors (DDPM buffers, `model_ema.*`) are
-    ignored; missing or mis-shaped ones raise UserError naming them.
+    ignored; missing or mis-shaped ones raise UserError naming them. `sd.source` records where the model
+    came from: {"path"} or {"repo_id", "revision" (commit sha), "file"}.
     """
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"model not found: {path} (see weights/README.md for where to get one)")
+    from .hub import resolve_model
+
+    path, source = resolve_model(path, revision, prefer_fp16=dtype == torch.float16, log=log)
     if prediction_type not in (None, *PREDICTION_TYPES):
         raise UserError(f"prediction type must be one of {', '.join(PREDICTION_TYPES)}, not {prediction_type!r}")
     if path.is_dir():
@@ -371,11 +459,18 @@ def load(path, dtype=torch.float32, device="cpu", prediction_type=None):
         parts["prediction_type"] = prediction_type
     if parts["prediction_type"] not in PREDICTION_TYPES:
         raise UserError(f"{path}: unsupported prediction type {parts['prediction_type']!r}")
-    return StableDiffusion(**parts, name=path.stem if path.is_file() else path.name)
+    if "repo_id" in source:  # named by its repo (or file), not by the cache folder's commit sha
+        name = Path(source["file"]).stem if source["file"] else source["repo_id"]
+    else:
+        name = path.stem if path.is_file() else path.name
+    sd = StableDiffusion(**parts, name=name)
+    sd.source = source
+    return sd
 
 
 def find_default_model(folder=None):
-    """The one model in weights/ (a .safetensors file or a diffusers folder), for commands run without --model.
+    """The one model in weights/ (a .safetensors file or a diffusers folder), for commands run without --model;
+    with none there, the short name of the Hub's SD 1.5 (hub.DEFAULT_MODEL, "sd15"), which load() resolves.
 
     weights/ is looked for in the current folder, then beside the package (the project's own weights/).
     """
@@ -385,12 +480,11 @@ def find_default_model(folder=None):
     folder = Path(folder)
     found = sorted(folder.glob("*.safetensors")) + sorted(p.parent for p in folder.glob("*/model_index.json"))
     pickles = sorted(p for ext in ("*.ckpt", "*.pt", "*.pth", "*.bin") for p in folder.glob(ext))
-    hint = ("put a Stable Diffusion checkpoint there, e.g. v1-5-pruned-emaonly.safetensors "
-            "(see weights/README.md), or pass --model PATH")
     if not found and pickles:
         raise UserError(f"{pickles[0]}: {PICKLE_HINT}")
-    if not found:
-        raise UserError(f"no model found in {folder.absolute()}/: {hint}")
+    if not found:  # a fresh clone: the Hub's SD 1.5, downloaded once into the Hugging Face cache by load()
+        from .hub import DEFAULT_MODEL
+        return DEFAULT_MODEL
     if len(found) > 1:
         raise UserError(f"several models in {folder.absolute()}/ ({', '.join(p.name for p in found)}): "
                         "choose one with --model")

@@ -60,15 +60,39 @@ def settings_from_args(settings_class, args):
     return settings_class(**{k: v for k, v in vars(args).items() if k in names})
 
 
+EXIT_CODES = {"done": 0, "bad input": 2, "out of memory": 3, "disk full": 4, "interrupted (Ctrl-C, SIGTERM)": 130}
+
+
 def run_command(main):
-    """Run main(); a UserError becomes one `error:` line and exit status 2, Ctrl-C exit status 130."""
+    """Run main(); an error becomes one `error:` line and its exit status (EXIT_CODES): bad input 2,
+    out of memory 3, disk full 4 (UserError subclasses say theirs in `exit_code`); Ctrl-C 130."""
     try:
         return main()
     except SettingError as e:
         print(f"error: {flag(e.setting)} {e.problem}", file=sys.stderr)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError, OSError) as e:
+        # The last net for a failure no code path turned into a sentence: still one line, not a traceback.
+        code = _resource_exit_code(e)
+        if code is None:
+            raise
+        what = "out of memory" if code == 3 else f"the disk is full: could not write {e.filename or 'a file'}"
+        print(f"error: {what} ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})",
+              file=sys.stderr)
+        return code
     return 2
+
+
+def _resource_exit_code(error):
+    import errno
+
+    from .state import is_out_of_memory
+
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return 4
+    return 3 if is_out_of_memory(error) else None

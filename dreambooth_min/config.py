@@ -38,8 +38,11 @@ class TrainConfig:
     class_noun: str = option("person", "what the subject is, e.g. dog, girl, backpack: the prior's class", SUBJECT)
     prompt: str = option("a photo of sks {class_noun}", "instance prompt; 'sks' is the rare token that comes to "
                          "mean your subject", SUBJECT)
-    model: str = option("", "checkpoint: a .safetensors file or a diffusers folder (default: the one model "
-                            "in weights/)", SUBJECT, metavar="PATH")
+    model: str = option("", "a .safetensors file, a diffusers folder, a Hub repo id (owner/name or "
+                            "owner/name/file.safetensors) or sd15 / sd21 / sd21-base (default: the one model in "
+                            "weights/, else sd15 from the Hub)", SUBJECT, metavar="MODEL")
+    revision: str = option("", "branch, tag or commit of a Hub --model (default: main; a resumed run uses the "
+                               "commit it started with)", SUBJECT)
     prediction_type: str = option("", "override the detected prediction type", SUBJECT,
                                   choices=("epsilon", "v_prediction"))
     resolution: int = option(0, "training size in pixels (0: 512 for SD 1.x and 2.x-base, 768 for SD 2.x "
@@ -59,6 +62,9 @@ class TrainConfig:
     lora_targets: tuple = option(UNET_TARGETS, "UNet layers to adapt, by module-name suffix, comma-separated; "
                                  "also e.g. proj_in, proj_out, ff.net.0.proj, ff.net.2", LORA)
     train_text_encoder: bool = option(False, "also adapt the text encoder's attention (q/k/v/out_proj)", LORA)
+    conv_rank: int = option(0, "rank of LoRA on convolutions named in --lora-targets (LoCon: conv1, conv2, ...); "
+                               "0: = --rank", LORA)
+    conv_alpha: float = option(0.0, "alpha of the convolution LoRA (0: = --alpha)", LORA)
 
     epochs: int = option(300, "passes over the instance images", OPTIM)
     steps: int = option(0, "optimizer steps; overrides --epochs when > 0", OPTIM)
@@ -68,6 +74,8 @@ class TrainConfig:
                               choices=("constant", "cosine"), flags=("--lr-schedule", "--lr-scheduler"))
     warmup_steps: int = option(0, "linear warmup steps", OPTIM)
     weight_decay: float = option(1e-2, "AdamW weight decay", OPTIM)
+    optimizer: str = option("adamw", "adamw, or adamw8bit (bitsandbytes, CUDA: less optimizer memory)", OPTIM,
+                            choices=("adamw", "adamw8bit"))
     batch_size: int = option(1, "instance images per step; as many class images are added", OPTIM)
     grad_accum: int = option(1, "micro-batches per optimizer step", OPTIM)
     max_grad_norm: float = option(1.0, "gradient clipping", OPTIM)
@@ -90,6 +98,18 @@ class TrainConfig:
                                     OUTPUTS)
     validation_images: int = option(4, "images per validation, fixed seeds", OUTPUTS)
     validation_steps: int = option(30, "DDIM steps per validation image", OUTPUTS)
+    report_to: str = option("", "also log to a tracker: tensorboard or wandb (optional packages)", OUTPUTS,
+                            choices=("tensorboard", "wandb"))
+    eval_every: int = option(0, "every N epochs, score the validation images with DINO, CLIP-I, CLIP-T (and PRES) "
+                                "as the DreamBooth paper does -> metrics.jsonl; 0 disables", OUTPUTS)
+    keep_best: bool = option(False, "with --eval-every: keep the LoRA of the best epoch as lora_best.safetensors",
+                             OUTPUTS)
+    clip_model: str = option("openai/clip-vit-base-patch32", "CLIP for CLIP-I / CLIP-T: Hub id or folder", OUTPUTS)
+    dino_model: str = option("facebook/dino-vits16", "DINO ViT-S/16 for DINO / PRES: Hub id or folder", OUTPUTS)
+
+    def is_validation_epoch(self, epoch):
+        """Validation images are drawn every --validate-every epochs, and every --eval-every epochs to score."""
+        return any(every and epoch % every == 0 for every in (self.validate_every, self.eval_every))
 
     def resolved_prompts(self):
         """(instance, class, validation) prompts with {class_noun} and {prompt} filled in."""
@@ -100,12 +120,13 @@ class TrainConfig:
     def check(self):
         """Raise SettingError for a setting that cannot train anything (before any slow work)."""
         positive = ["rank", "batch_size", "grad_accum", "lr", "class_steps"] + ["epochs"] * (not self.steps)
-        if self.validate_every:
+        if self.validate_every or self.eval_every:
             positive += ["validation_images", "validation_steps"]
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingError(name, f"must be positive, not {getattr(self, name)}")
-        for name in ("steps", "num_class_images", "prior_weight", "warmup_steps", "validate_every", "save_every",
+        for name in ("steps", "num_class_images", "prior_weight", "warmup_steps", "validate_every", "save_every", "eval_every",
+                     "conv_rank", "conv_alpha",
                      "snr_gamma", "offset_noise", "alpha", "resolution"):
             if getattr(self, name) < 0:
                 raise SettingError(name, f"must not be negative, not {getattr(self, name)}")

@@ -27,13 +27,6 @@ class Batch:
     prompts: list  # one caption per row
     n_instance: int  # how many leading rows are the subject's
 
-    def shard(self, rank, world):
-        """This process's share of a global batch: its slice of the subject's rows and of the class rows."""
-        n, m = self.n_instance // world, (len(self.prompts) - self.n_instance) // world
-        rows = list(range(rank * n, (rank + 1) * n)) + \
-            list(range(self.n_instance + rank * m, self.n_instance + (rank + 1) * m))
-        return Batch(self.latents[rows], self.noise[rows], self.timesteps[rows], [self.prompts[i] for i in rows], n)
-
 
 def assemble_batch(instance_latents, captions, index, class_latents, class_prompt, generator, offset_noise=0.0):
     """The subject's images `index`, as many of the model's own class images drawn at random, and their

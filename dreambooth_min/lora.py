@@ -1,9 +1,12 @@
-"""LoRA: low-rank adapters on frozen Linear / 1x1 Conv layers, and their injection by module name.
+"""LoRA: low-rank adapters on frozen Linear / Conv2d layers (LoCon), and their injection by module name.
 
 LoRA (Hu et al. 2021, eq. 3) keeps the pretrained weight W frozen and learns a rank-r update:
     h = W x + (alpha / r) * B A x,   A = lora_down [r, in], B = lora_up [out, r]
 B starts at zero, so training starts exactly at the base model; alpha / r keeps the update's size
-roughly independent of the rank. We select layers by the suffix of their module path ("to_q",
+roughly independent of the rank. A k x k convolution (LoCon, as kohya's sd-scripts / LyCORIS) gets a
+k x k down factor with the base's stride and padding and a 1x1 up factor; the two convolutions compose
+to one k x k convolution, so the merged weight is W + (alpha / r) * up[:, :, 0, 0] @ down.flatten(1),
+reshaped to [out, in, k, k]. We select layers by the suffix of their module path ("to_q",
 "to_out.0", "proj_in") and always say how many were wrapped: choosing by class name silently wraps
 nothing when a model's classes differ.
 The file format (kohya names, save, load, apply) is in lora_file.py.
@@ -16,10 +19,16 @@ from .errors import UserError
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# LoCon: the res blocks' convs and the resamplers' (kohya sd-scripts' conv_dim set; conv_in / conv_out may be added)
+CONV_TARGETS = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")
 
 
 def lora_delta(up, down, scale, shape):
-    """scale * B A in fp32, reshaped to the base weight's shape ([out, in] or [out, in, 1, 1])."""
+    """scale * B A in fp32, reshaped to the base weight's shape ([out, in] or [out, in, k, k]).
+
+    For a conv, B [out, r, 1, 1] after A [r, in, k, k] is one k x k conv of weight
+    sum_j B[o, j] A[j, i, :, :], which is exactly this product reshaped (A's stride and padding are the base's).
+    """
     return (scale * (up.flatten(1).float() @ down.flatten(1).float())).view(shape)
 
 
@@ -32,16 +41,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base, rank=4, alpha=None, multiplier=1.0):
         super().__init__()
-        if isinstance(base, nn.Conv2d):
-            if base.kernel_size != (1, 1) or base.stride != (1, 1) or base.padding != (0, 0) or base.groups != 1:
-                raise ValueError(f"LoRA supports only 1x1 convolutions with stride 1, got {base}")
-            n_in, n_out = base.in_channels, base.out_channels
-            make = lambda i, o: nn.Conv2d(i, o, 1, bias=False)
-        elif isinstance(base, nn.Linear):
-            n_in, n_out = base.in_features, base.out_features
-            make = lambda i, o: nn.Linear(i, o, bias=False)
-        else:
-            raise ValueError(f"LoRA wraps nn.Linear or 1x1 nn.Conv2d, got {type(base).__name__}")
+        n_in, n_out, make_down, make_up = self._factor_layers(base)
         self.base = base.requires_grad_(False)
         self.rank = rank
         self.alpha = float(rank if alpha is None else alpha)  # kohya: a missing alpha means alpha = rank
@@ -50,11 +50,24 @@ class LoRALinear(nn.Module):
         # LoRA factors are kept in fp32 whatever the base's dtype: see _apply.
         self.lora_dtype = torch.float32
         w = base.weight
-        self.lora_down = make(n_in, rank).to(w.device, self.lora_dtype)
-        self.lora_up = make(rank, n_out).to(w.device, self.lora_dtype)
+        self.lora_down = make_down(n_in, rank).to(w.device, self.lora_dtype)
+        self.lora_up = make_up(rank, n_out).to(w.device, self.lora_dtype)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))  # as kohya / peft
         nn.init.zeros_(self.lora_up.weight)  # B = 0: the wrapped layer starts equal to the base
         self.merged = 0.0  # the factor currently folded into base.weight (0 = not merged)
+
+    @staticmethod
+    def _factor_layers(base):
+        """(in, out, make_down, make_up) for `base`: Linear factors, or 1x1 convs for a 1x1 conv."""
+        if isinstance(base, nn.Conv2d):
+            if base.kernel_size != (1, 1) or base.stride != (1, 1) or base.padding != (0, 0) or base.groups != 1:
+                raise ValueError(f"LoRALinear supports only 1x1 convolutions with stride 1, got {base}: use LoRAConv2d")
+            make = lambda i, o: nn.Conv2d(i, o, 1, bias=False)
+            return base.in_channels, base.out_channels, make, make
+        if isinstance(base, nn.Linear):
+            make = lambda i, o: nn.Linear(i, o, bias=False)
+            return base.in_features, base.out_features, make, make
+        raise ValueError(f"LoRA wraps nn.Linear or nn.Conv2d, got {type(base).__name__}")
 
     def _apply(self, fn, *args, **kwargs):
         # `unet.half()` / `.to(float16)` reach every parameter through _apply. fp16 LoRA weights would
@@ -101,13 +114,43 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha:g}, multiplier={self.multiplier:g}"
 
 
+class LoRAConv2d(LoRALinear):
+    """LoCon: LoRA on a k x k nn.Conv2d (kohya sd-scripts `conv_dim`, LyCORIS "locon").
+
+    down = Conv2d(in, r, k, base stride, base padding), up = Conv2d(r, out, 1): kohya's file shapes
+    [r, in, k, k] / [out, r, 1, 1], read by A1111, ComfyUI and diffusers (peft's Conv2d LoRA has the same
+    layout). Merging adds up[:, :, 0, 0] @ down.flatten(1) reshaped to [out, in, k, k] (lora_delta).
+    """
+
+    @staticmethod
+    def _factor_layers(base):
+        if not isinstance(base, nn.Conv2d):
+            raise ValueError(f"LoRAConv2d wraps an nn.Conv2d, got {type(base).__name__}")
+        if base.groups != 1 or base.dilation != (1, 1) or base.padding_mode != "zeros" or isinstance(base.padding, str):
+            raise ValueError(f"LoRA supports convolutions with groups 1, dilation 1 and zero padding, got {base}")
+        down = lambda i, o: nn.Conv2d(i, o, base.kernel_size, base.stride, base.padding, bias=False)
+        up = lambda i, o: nn.Conv2d(i, o, 1, bias=False)
+        return base.in_channels, base.out_channels, down, up
+
+
+def lora_class(module):
+    """The wrapper for `module`: LoRALinear for Linear and 1x1 stride-1 convs, LoRAConv2d for other convs."""
+    if isinstance(module, nn.Conv2d) and (module.kernel_size != (1, 1) or module.stride != (1, 1)
+                                          or module.padding != (0, 0)):
+        return LoRAConv2d
+    return LoRALinear
+
+
 def _matches(name, targets):
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def inject_lora(model, targets, rank=4, alpha=None):
-    """Replace every submodule whose dotted path ends with one of `targets` by a LoRALinear.
+def inject_lora(model, targets, rank=4, alpha=None, conv_rank=None, conv_alpha=None):
+    """Replace every submodule whose dotted path ends with one of `targets` by a LoRA wrapper.
 
+    Linear layers and 1x1 convs get rank `rank` and `alpha`; k x k convs (LoCon: `conv1`, `conv2`,
+    `downsamplers.0.conv`, ...) get `conv_rank` / `conv_alpha`, by default `rank` / `alpha` (kohya's
+    conv_dim / conv_alpha). alpha None means alpha = rank (scale 1).
     Returns {module path: wrapper}. Raises UserError if nothing matched (a silent zero-injection
     would train nothing and still "succeed").
     """
@@ -118,7 +161,12 @@ def inject_lora(model, targets, rank=4, alpha=None):
     for name, module in found:
         if isinstance(module, LoRALinear):
             raise ValueError(f"{name} already has a LoRA")
-    loras = {name: LoRALinear(module, rank, alpha) for name, module in found}  # may raise: model untouched
+    conv_rank = rank if conv_rank is None else conv_rank
+    conv_alpha = alpha if conv_alpha is None else conv_alpha
+    loras = {}
+    for name, module in found:  # may raise: model untouched
+        cls = lora_class(module)
+        loras[name] = cls(module, rank, alpha) if cls is LoRALinear else cls(module, conv_rank, conv_alpha)
     for name, lora in loras.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, lora)

@@ -15,7 +15,8 @@ class StableDiffusion:
     version: str  # "sd1" | "sd2"
     prediction_type: str  # "epsilon" | "v_prediction"
     scheduler_config: dict = field(default_factory=dict)  # a diffusers folder's scheduler config, else {}
-    name: str = "model"  # file or folder name, recorded in images and LoRA files
+    name: str = "model"  # file or folder name (or Hub repo id), recorded in images and LoRA files
+    source: dict = field(default_factory=dict)  # {"path"}, or {"repo_id", "revision", "file"} for a Hub model
 
     def encode_prompt(self, prompts):
         """Text context [B, 77, C] for a list of prompts (the UNet's cross-attention input)."""

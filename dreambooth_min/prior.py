@@ -3,11 +3,13 @@
 DreamBooth (Ruiz et al. 2023, sec. 3.3) regularises fine-tuning with the model's own samples of the
 class ("a photo of dog"), so that learning "sks dog" does not make every dog look like the subject.
 Image i is always drawn from seed + i and written atomically as `NNNN.png`: an interrupted generation
-keeps every finished image, and a later run draws only the missing ones, giving the same set.
+keeps every finished image, and a later run draws only the missing ones, giving the same set. An image
+that does not read back whole (damaged on the disk, or copied in half) is drawn again.
 """
 import re
 from pathlib import Path
 
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .sampling import generate, parameters_text, save_png
@@ -23,28 +25,63 @@ def class_image_paths(folder, n):
     return [Path(folder) / f"{i:04d}.png" for i in range(n)]
 
 
+def damaged(path):
+    """Why the PNG at `path` cannot be used (truncated, corrupt), or None when it decodes whole."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # decodes every row: a truncated file fails here, which verify() alone may not catch
+    except (OSError, SyntaxError, ValueError) as e:
+        return str(e) or type(e).__name__
+    return None
+
+
 def ensure_class_images(sd, folder, prompt, n, resolution, steps=30, guidance=7.5, seed=0, batch_size=4,
-                        negative_prompt=""):
-    """Make sure `folder` holds class images 0..n-1; draw the missing ones. Returns their paths."""
+                        negative_prompt="", log=tqdm.write, rank=0, world=1):
+    """Make sure `folder` holds class images 0..n-1; draw the missing or damaged ones. Returns their paths.
+
+    Under torchrun, process `rank` of `world` draws the blocks of `batch_size` indices numbered rank,
+    rank + world, ...: the same batches, hence the same files, as one process, and nothing to agree on.
+
+    Out of memory while drawing raises state.OutOfMemory (one line with advice); the images drawn so far stay."""
     paths = class_image_paths(folder, n)
-    missing = [i for i, p in enumerate(paths) if not p.exists()]
+    mine = [i for i in range(n) if i // batch_size % world == rank]
+    missing = [i for i in mine if not paths[i].exists()]
+    broken = [i for i in mine if i not in missing and damaged(paths[i])]
+    if broken:
+        log(f"warning: {len(broken)} class image(s) in {folder} do not read back whole "
+            f"({', '.join(paths[i].name for i in broken[:5])}{', ...' if len(broken) > 5 else ''}): drawn again")
+        missing = sorted(missing + broken)
     if missing:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=len(missing), desc=f"class images ({prompt!r})", unit="img")
-        # Runs of consecutive missing indices are batched; each image still has its own seed.
-        runs = []
-        for i in missing:
-            if runs and runs[-1][-1] == i - 1 and len(runs[-1]) < batch_size:
-                runs[-1].append(i)
-            else:
-                runs.append([i])
-        for run in runs:
-            images = generate(sd, prompt, negative_prompt, num_images=len(run), steps=steps, guidance=guidance,
-                              seed=seed + run[0], height=resolution, width=resolution, progress=False,
-                              batch_size=batch_size)
-            for i, image in zip(run, images):
-                save_png(image, paths[i], parameters_text(prompt, negative_prompt, steps, guidance, seed + i,
-                                                          resolution, resolution, sd.name, 0.0))
-                bar.update(1)
-        bar.close()
+        try:
+            _draw(sd, paths, missing, prompt, resolution, steps, guidance, seed, batch_size, negative_prompt,
+                  show=rank == 0)
+        except Exception as e:
+            from .state import OutOfMemory, is_out_of_memory
+
+            if not is_out_of_memory(e):
+                raise
+            kept = sum(p.exists() for p in paths)
+            raise OutOfMemory(f"out of memory drawing class images ({kept} of {n} in {folder} are kept and reused): "
+                              f"try a lower --resolution (this run: {resolution}) or --precision fp16 (CUDA)") from None
     return paths
+
+
+def _draw(sd, paths, missing, prompt, resolution, steps, guidance, seed, batch_size, negative_prompt, show=True):
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(missing), desc=f"class images ({prompt!r})", unit="img", disable=not show)
+    # Consecutive missing indices within a block of batch_size are batched; each image still has its own seed.
+    runs = []
+    for i in missing:
+        if runs and runs[-1][-1] == i - 1 and i % batch_size:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    for run in runs:
+        images = generate(sd, prompt, negative_prompt, num_images=len(run), steps=steps, guidance=guidance,
+                          seed=seed + run[0], height=resolution, width=resolution, progress=False,
+                          batch_size=batch_size)
+        for i, image in zip(run, images):
+            save_png(image, paths[i], parameters_text(prompt, negative_prompt, steps, guidance, seed + i,
+                                                      resolution, resolution, sd.name, 0.0))
+            bar.update(1)
+    bar.close()

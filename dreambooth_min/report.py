@@ -2,13 +2,15 @@
 
 Drawn with pillow alone (no matplotlib). Every file is written atomically.
 """
+import errno
 import json
 import math
+import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .safetensors_io import atomic_path
+from .safetensors_io import atomic_path, writing
 from .sampling import save_png
 
 
@@ -18,15 +20,39 @@ def write_text_atomic(path, text):
 
 
 def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one line in a single write; a failed write (disk full) is cut off again, so the file never
+    ends in half a line that this process wrote. A torn line a killed process left is ended first."""
+    line = (json.dumps(record) + "\n").encode()
+    with writing(path):
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line
+            try:
+                if os.write(fd, line) != len(line):
+                    raise OSError(errno.ENOSPC, "No space left on device")  # a short write: only a full disk does that
+            except OSError:
+                os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
 
 
 def read_jsonl(path):
+    """The records of a .jsonl file; a line that is not a whole JSON object (torn by a crash) is skipped."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def plot_loss(records, path, size=(800, 400), smoothing=0.9):
@@ -70,7 +96,15 @@ def labelled_row(images, label, label_width=110):
 
 def stack_rows(paths, out):
     """The rows in `paths` stacked top to bottom (the "samples at different epochs" table)."""
-    rows = [Image.open(p).convert("RGB") for p in paths]
+    rows = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                rows.append(im.convert("RGB"))
+        except (OSError, SyntaxError):  # a damaged row (written by hand, a disk error) is left out, not fatal
+            continue
+    if not rows:
+        return
     grid = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
     y = 0
     for r in rows:

@@ -1,7 +1,8 @@
 """The run folder: config.json, log.jsonl, loss.png, samples/, checkpoints/, and the final lora.safetensors.
 
 Every file is written atomically (temporary file + rename), so an interrupted run never leaves a
-half-written file that a reader or `--resume` would take for whole.
+half-written file that a reader or `--resume` would take for whole; log.jsonl is appended one whole line
+at a time, and a torn last line (a machine crash) is skipped by its readers and dropped on --resume.
 """
 import json
 import os
@@ -11,7 +12,9 @@ from pathlib import Path
 
 from .errors import UserError
 from .report import append_jsonl, labelled_row, plot_loss, read_jsonl, stack_rows, write_text_atomic
+from .safetensors_io import DiskFull
 from .sampling import save_png
+from .state import checkpoint_problem
 
 
 class RunFolder:
@@ -26,7 +29,7 @@ class RunFolder:
         run = cls(output or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
         if resume and run.lora_path.exists():
             raise UserError(f"the run in {run.path} is finished: its LoRA is {run.lora_path}")
-        if resume and run.latest_checkpoint() is None:
+        if resume and run.latest_checkpoint() is None and not run.log_path.exists():
             raise UserError(f"nothing to resume in {run.path}: it has no checkpoints/ (a run interrupted before "
                             "training started has nothing to resume: run the same command again)")
         if not resume and (run.latest_checkpoint() is not None or run.lora_path.exists()):
@@ -35,6 +38,10 @@ class RunFolder:
         existing = next(p for p in (run.path, *run.path.absolute().parents) if p.exists())
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
             raise UserError(f"cannot write to the output folder {run.path}: {existing} is not a writable folder")
+        if not resume and run.log_path.exists():  # a run that died before its first checkpoint: it starts over
+            run.drop_after(0, -1)
+            for stale in (run.log_path, run.path / "loss.png"):
+                stale.unlink(missing_ok=True)
         return run
 
     def create(self):
@@ -59,7 +66,8 @@ class RunFolder:
 
     def drop_after(self, step, epoch):
         """What a crashed run wrote after its checkpoint is redone: drop it from the log and the samples."""
-        kept = [r for r in self.records() if r["step"] <= step]
+        self.remove_temporary_files()
+        kept = [r for r in self.records() if r.get("step", step + 1) <= step]
         write_text_atomic(self.log_path, "".join(json.dumps(r) + "\n" for r in kept))
         for row in self.samples.glob("epoch_*.png"):
             if int(row.stem.split("_")[1]) > epoch:
@@ -82,6 +90,58 @@ class RunFolder:
     def latest_checkpoint(self):
         found = sorted(self.checkpoints.glob("step_*"))
         return found[-1] if found else None
+
+    def whole_checkpoint(self):
+        """(the newest checkpoint whose files match its manifest or None, [(older-than-it damaged, why)])."""
+        skipped = []
+        for folder in sorted(self.checkpoints.glob("step_*"), reverse=True):
+            problem = checkpoint_problem(folder)
+            if problem is None:
+                return folder, skipped
+            skipped.append((folder, problem))
+        return None, skipped
+
+    def resume(self, state, log):
+        """Load the newest whole checkpoint into `state` and return it; one warning line names the damaged
+        ones passed over. With none whole (or none yet: killed before the first), the run starts again from
+        step 0, which gives the same result (same seed)."""
+        found, skipped = self.whole_checkpoint()
+        if skipped:
+            names = "; ".join(f"{p.name}: {why}" for p, why in skipped)
+            log(f"warning: skipped damaged checkpoint{'s' * (len(skipped) > 1)} ({names}; removed: the run "
+                "redoes those steps); " + (f"using {found.name}" if found else
+                                          "no whole checkpoint left: starting again from step 0"))
+            for folder, _ in skipped:  # newer than the one used: they would count as kept, and mislead
+                shutil.rmtree(folder, ignore_errors=True)
+        if found is not None:
+            state.load(found)
+        return found
+
+    def remove_temporary_files(self):
+        """What a killed process left of its atomic writes (.<name>.*.tmp files, .step_N.tmp folders)."""
+        for folder in (self.path, self.samples, self.checkpoints, *self.samples.glob("epoch_*")):
+            for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+                if tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.unlink(missing_ok=True)
+
+    def disk_full(self, error, checkpoint_bytes, keep):
+        """The DiskFull `error` with how much space the run needs and how to go on (one line)."""
+        if getattr(error, "explained", False):
+            return error
+        found, _ = self.whole_checkpoint()
+        if found is not None:  # the real size beats the estimate
+            checkpoint_bytes = sum(f.stat().st_size for f in found.iterdir())
+        mib, keep = checkpoint_bytes / 2**20, max(keep, 1)
+        then = (f"python train.py --resume {self.path} continues from {found.name}" if found is not None else
+                f"python train.py --resume {self.path} starts it again" if self.log_path.exists() else
+                "run the same command again")
+        full = DiskFull(f"{error}; this run needs about {(keep + 1) * mib:.1f} MiB for checkpoints (one is "
+                        f"{mib:.1f} MiB; {keep} kept, +1 while the next is written) plus its samples; free some "
+                        f"space, then: {then}", error.path)
+        full.explained = True
+        return full
 
     def prune_checkpoints(self, keep):
         for old in sorted(self.checkpoints.glob("step_*"))[:-keep] if keep > 0 else []:

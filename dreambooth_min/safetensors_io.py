@@ -7,8 +7,10 @@ The format: 8-byte little-endian header length, a JSON header {name: {dtype, sha
 then the raw little-endian tensor bytes.
 """
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -76,22 +78,71 @@ class SafetensorsFile:
         return buf.view(DTYPES[e["dtype"]]).reshape(e["shape"])
 
 
+FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(UserError):
+    """A write failed for want of space (ENOSPC) or quota (EDQUOT). The CLIs exit with status 4."""
+    exit_code = 4
+
+    def __init__(self, message, path):
+        super().__init__(message)
+        self.path = Path(path)
+
+
+def _free(path):
+    try:
+        return f"{shutil.disk_usage(Path(path).parent).free / 2**20:.1f} MiB free"
+    except OSError:
+        return "free space unknown"
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Turn an OSError while writing `path` into one line naming it: DiskFull for a full disk or quota,
+    a UserError for the rest (read-only file system, permissions, I/O error)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in FULL:
+            raise DiskFull(f"the disk is full: could not write {path} ({_free(path)})", path) from None
+        raise UserError(f"could not write {path}: {e.strerror or e}") from None
+
+
+def fsync_path(path):
+    """Flush a file's or a folder's data to the disk (a rename is durable only once its folder is)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename, so readers
-    (and a run interrupted mid-write) see either the old file or the whole new one, never half of it."""
+    (and a run interrupted mid-write) see either the old file or the whole new one, never half of it.
+    The data is on the disk before the rename: a power loss leaves the old file or the new one, never an
+    empty one. A failed write (disk full, ...) removes the temporary file and raises one line (`writing`)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private (0600); give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            yield tmp
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private (0600); give the usual permissions
+            fsync_path(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def write_bytes_atomic(path, data):
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def _header(tensors, metadata):
@@ -120,5 +171,3 @@ def save_atomic(tensors, path, metadata=None):
         for name in sorted(tensors):
             t = tensors[name].detach().to("cpu").contiguous()
             f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename makes it visible: a crash leaves the old file or this one

@@ -70,10 +70,12 @@ def ddim_sampler(prediction_type="epsilon", eta=0.0, generators=None, set_alpha_
 def sample(unet, x_T, context, timesteps, sampler_step, guidance=7.5, progress=True):
     """Run any sampler from x_T [B, C, h, w] through `timesteps` (largest first) down to x_0, guiding the
     UNet with `context` [2B or B, 77, D]. The UNet runs in its own dtype (fp16 on CUDA); the sampler's
-    arithmetic stays in float32."""
+    arithmetic stays in float32. `progress`: a progress bar, or the name of a bar that disappears when done."""
     x = x_T.float()
     unet_dtype = next(unet.parameters()).dtype
-    for t, t_prev in zip(tqdm(timesteps, desc="sampling", disable=not progress), timesteps[1:] + [-1]):
+    bar = tqdm(timesteps, desc=progress if isinstance(progress, str) else "sampling", disable=not progress,
+               leave=not isinstance(progress, str))  # a named bar is a passing one (validation inside training)
+    for t, t_prev in zip(bar, timesteps[1:] + [-1]):
         out = guided_prediction(unet, x.to(unet_dtype), t, context, guidance).float()
         x = sampler_step(x, out, t, t_prev)
     return x

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from . import distributed as dist
+from .errors import UserError
 from .hardware import resolve_hardware
 from .run_folder import RunFolder
 
@@ -21,10 +23,17 @@ def prepare(cfg, resume, log):
 
     cfg.check()
     hardware = resolve_hardware(cfg.device, cfg.precision)
-    run = RunFolder.choose(cfg.output, resume)
+    hardware.device = dist.init_from_env(hardware.device)  # under torchrun: join the group, take cuda:LOCAL_RANK
+    log = dist.main_log(log)
+    run = RunFolder(dist.from_main(RunFolder.choose(cfg.output, resume).path))  # one default name for all
+    if resume:
+        dist.check_resume(run.path / "config.json")
     cfg.model = str(cfg.model or find_default_model())
     prompt, class_prompt, validation_prompt = cfg.resolved_prompts()
-    sd = load(cfg.model, dtype=hardware.dtype, device=hardware.device, prediction_type=cfg.prediction_type or None)
+    sd = load(cfg.model, dtype=hardware.dtype, device=hardware.device, prediction_type=cfg.prediction_type or None,
+              revision=cfg.revision or None, log=log)
+    if sd.source.get("revision"):  # pin a Hub model's commit, so that --resume loads the same weights
+        cfg.revision = sd.source["revision"]
     res = cfg.resolution or sd.default_resolution
     images, captions, warnings = load_instance_images(cfg.images, res, prompt)
     for w in warnings:
@@ -33,13 +42,16 @@ def prepare(cfg, resume, log):
     setup = Setup(sd, hardware, run, res, prompt, class_prompt, validation_prompt, captions, None)
     if not resume:
         log(plan(cfg, setup, len(images), class_dir))
-    run.create()
+    if dist.is_main():  # rank 0 alone writes the run folder
+        run.create()
     try:
         config, resolved = config_record(cfg, setup, cfg.model)
-        run.write_config(config, resolved | {"class_dir": str(class_dir) if cfg.use_prior else None})
+        if dist.is_main():
+            run.write_config(config, resolved | {"class_dir": str(class_dir) if cfg.use_prior else None,
+                                                 "source": sd.source} | dist.describe(cfg))
         setup.instance_latents, setup.class_latents = latents(cfg, setup, images, class_dir)
     except BaseException:
-        if not resume:
+        if not resume and dist.is_main():
             run.remove_if_empty_start()
         raise
     return setup
@@ -53,11 +65,21 @@ def latents(cfg, setup, images, class_dir):
     sd, res = setup.sd, setup.resolution
     class_latents = None
     if cfg.use_prior:
+        # Under torchrun each process draws its share (the same files as one process), then waits for the set.
         paths = ensure_class_images(sd, class_dir, setup.class_prompt, cfg.num_class_images, res, cfg.class_steps,
-                                    seed=cfg.seed)
+                                    seed=cfg.seed, rank=dist.rank(), world=dist.world_size())
+        dist.barrier()
+        if not all(p.exists() for p in paths):
+            raise UserError(f"class images drawn by other processes are missing in {class_dir}: with torchrun on "
+                            "several machines, give --class-dir (and --output) on a filesystem they share")
         class_images = torch.stack([load_image(p, res)[0] for p in paths])
-        class_latents = LatentCache(sd.vae, class_images, flip=cfg.flip, desc="class latents")
-    return LatentCache(sd.vae, images, flip=cfg.flip, desc="photo latents"), class_latents
+        class_latents = LatentCache(sd.vae, class_images, flip=cfg.flip, desc=_bar("class latents"))
+    return LatentCache(sd.vae, images, flip=cfg.flip, desc=_bar("photo latents")), class_latents
+
+
+def _bar(title):
+    """A progress bar's title on rank 0; None (no bar) on the other processes under torchrun."""
+    return title if dist.is_main() else None
 
 
 def plan(cfg, setup, n_images, class_dir):
@@ -65,7 +87,7 @@ def plan(cfg, setup, n_images, class_dir):
     from .prior import class_image_paths
 
     sd, hw = setup.sd, setup.hardware
-    micro, steps = cfg.schedule_length(n_images)
+    micro, steps = dist.schedule_length(cfg, n_images)
     have = sum(p.exists() for p in class_image_paths(class_dir, cfg.num_class_images)) if cfg.use_prior else 0
     prior = (f"{cfg.num_class_images} of {setup.class_prompt!r} in {class_dir} ({have} cached, "
              f"{cfg.num_class_images - have} to draw with {cfg.class_steps} DDIM steps each)"
@@ -80,7 +102,8 @@ def plan(cfg, setup, n_images, class_dir):
                                                           if cfg.validate_every else " off"),
              f"training    {steps} steps ({steps * cfg.grad_accum / micro:g} epochs), LoRA rank {cfg.rank} on "
              f"{','.join(cfg.lora_targets)}{' + text encoder' if cfg.train_text_encoder else ''}",
-             f"hardware    {hw.device}, {hw.precision}",
+             f"hardware    {hw.device}, {hw.precision}" + (f", {dist.world_size()} processes (torchrun) of "
+                                                         f"batch {cfg.batch_size} each" if dist.world_size() > 1 else ""),
              f"output      {setup.run.path}"]
     return "\n".join(lines)
 

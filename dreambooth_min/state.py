@@ -1,16 +1,25 @@
 """The training state: everything a resumed run needs to continue exactly as an uninterrupted one.
 
 LoRA factors, optimizer moments, GradScaler, learning-rate schedule and the random generators are saved
-and restored as one thing, in checkpoints/step_NNNNNN/{lora.safetensors, state.pt}.
+and restored as one thing, in checkpoints/step_NNNNNN/{lora.safetensors, state.pt, manifest.json}.
+The manifest (step, size and SHA-256 of each file) is written last, inside a temporary folder that is
+renamed only when whole: a checkpoint whose files do not match their manifest was damaged afterwards
+(a truncated file after a machine crash, a disk error), and --resume passes over it (`checkpoint_problem`).
 """
+import hashlib
+import io
+import json
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
+from .safetensors_io import fsync_path, write_bytes_atomic, writing
 from .lora import lora_parameters
+from .optim import make_optimizer
 from .lora_file import kohya_name, load_lora, lora_state_dict, save_lora
 
 
@@ -33,24 +42,47 @@ class TrainingState:
         if text_loras:
             groups.append({"params": lora_parameters(text_loras), "lr": cfg.text_encoder_lr or cfg.lr})
         self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        self.optimizer = make_optimizer(groups, cfg.optimizer, cfg.weight_decay)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_multiplier(s, cfg.warmup_steps, total_steps, cfg.lr_schedule))
         # Noise, timesteps, class-image choice, latent samples and flips; the epoch order has its own
         # generator per epoch (data.epoch_order) and the LoRA init uses torch's global one.
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
+        # The generator at the end of the last finished step, and whether the factors are whole (not in
+        # the middle of an update): what `rewind` needs to checkpoint after a failure inside a step.
+        self.boundary, self.whole = self.generator.get_state(), True
 
-    def optimizer_step(self, max_grad_norm):
-        """Unscale, clip, step AdamW (skipped by the GradScaler on inf/NaN gradients), advance the LR."""
+    def optimizer_step(self, max_grad_norm, loss_finite=True):
+        """Unscale, clip, step AdamW, advance the LR. Non-finite numbers never reach the LoRA: the step is
+        skipped for a non-finite loss, and for inf/NaN gradients (by the GradScaler in fp16, here otherwise)."""
+        self.whole = False  # until the update is done: a failure in between leaves nothing worth saving
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.lr_schedule.step()
+        if loss_finite and (self.scaler.is_enabled() or torch.isfinite(grad_norm)):
+            self.scaler.step(self.optimizer)
+        with warnings.catch_warnings():  # a skipped step still advances the LR schedule, on purpose
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before")
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.lr_schedule.step()
         self.step += 1
+        self.boundary, self.whole = self.generator.get_state(), True
         return grad_norm
+
+    def rewind(self):
+        """Back to the end of the last finished step after a failure inside one (out of memory): the
+        partial step's random draws and gradients are undone. False when the failure came during the
+        optimizer's update, which may have left the factors half-updated: that state is not saved."""
+        if not self.whole:
+            return False
+        self.generator.set_state(self.boundary)
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def checkpoint_bytes(self):
+        """About the size of one checkpoint: the LoRA factors and AdamW's two moments, in fp32."""
+        return 3 * sum(p.numel() * 4 for p in self.params) + (64 << 10)
 
     def lora_tensors(self):
         return lora_state_dict(self.unet_loras, self.text_loras)
@@ -60,13 +92,26 @@ class TrainingState:
         final = Path(folder) / "checkpoints" / f"step_{self.step:06d}"
         tmp = final.with_name(f".{final.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_lora(tmp / "lora.safetensors", self.lora_tensors(), metadata)
-        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                    "lr_scheduler": self.lr_schedule.state_dict(), "generator": self.generator.get_state(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        try:
+            with writing(tmp):
+                tmp.mkdir(parents=True)
+            save_lora(tmp / "lora.safetensors", self.lora_tensors(), metadata)
+            buffer = io.BytesIO()  # torch.save to a file hides a full disk in a RuntimeError; this write does not
+            torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                        "scaler": self.scaler.state_dict(), "lr_scheduler": self.lr_schedule.state_dict(),
+                        "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}, buffer)
+            write_bytes_atomic(tmp / "state.pt", buffer.getvalue())
+            files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256(tmp / name)}
+                     for name in CHECKPOINT_FILES}
+            write_bytes_atomic(tmp / MANIFEST, json.dumps({"step": self.step, "files": files}, indent=1).encode())
+            with writing(final):
+                fsync_path(tmp)
+                shutil.rmtree(final, ignore_errors=True)
+                tmp.rename(final)
+                fsync_path(final.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return final
 
     def load(self, path):
@@ -83,6 +128,64 @@ class TrainingState:
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.step = state["step"]
+        self.boundary, self.whole = self.generator.get_state(), True
+
+
+CHECKPOINT_FILES, MANIFEST = ("lora.safetensors", "state.pt"), "manifest.json"
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_problem(folder):
+    """Why the checkpoint folder cannot be used (a few words), or None when its files match its manifest."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        step, files = int(manifest["step"]), manifest["files"]
+    except FileNotFoundError:
+        return f"it has no {MANIFEST}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {MANIFEST} is damaged"
+    if folder.name != f"step_{step:06d}":
+        return f"its {MANIFEST} is for step {step}"
+    for name in CHECKPOINT_FILES:
+        path, entry = folder / name, files.get(name) if isinstance(files, dict) else None
+        if not isinstance(entry, dict) or not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry.get("bytes"):
+            return f"{name} has {path.stat().st_size} bytes, its manifest says {entry.get('bytes')} (truncated?)"
+        if sha256(path) != entry.get("sha256"):
+            return f"{name} does not match its SHA-256 in {MANIFEST}"
+    return None
+
+
+class OutOfMemory(UserError):
+    """The device (or the CPU allocator) ran out of memory; the CLIs exit with status 3."""
+    exit_code = 3
+
+
+def is_out_of_memory(error):
+    """torch.OutOfMemoryError (CUDA), MemoryError, or the CPU allocator's RuntimeError."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        s in text for s in ("out of memory", "can't allocate memory", "cannot allocate memory", "could not allocate"))
+
+
+def memory_advice(cfg, resolution, precision):
+    """What to try, for a run of these settings, after running out of memory (the settings it does not use yet)."""
+    tips = [] if cfg.gradient_checkpointing else ["--gradient-checkpointing"]
+    tips.append(f"a lower --resolution (this run: {resolution})")
+    tips += ["--batch-size 1"] if cfg.batch_size > 1 else []
+    tips += ["--precision fp16 (CUDA)"] if precision != "fp16" else []
+    return "try " + ", ".join(tips[:-1]) + f" or {tips[-1]}" if len(tips) > 1 else "try " + tips[0]
 
 
 def _copy_factors(tensors, key, lora, path):

@@ -4,20 +4,31 @@ train() reads top to bottom: check the settings, load the model and photos, draw
 latents, add LoRA, then the loop; Ctrl-C saves a checkpoint from which `resume=True` continues exactly.
 """
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from .dreambooth import assemble_batch, dreambooth_step
+from .errors import UserError
 from .lora import TEXT_TARGETS, inject_lora
 from .run_folder import RunFolder
 from .state import TrainingState
+from .validation import Monitor, report_step, validate
 
 
 class Interrupted(Exception):
     """Raised by `stop_after` (tests) to take the same path as Ctrl-C."""
+
+
+class Diverged(UserError):
+    """Training produced only non-finite losses: the run stops with a checkpoint of its (finite) LoRA."""
+
+
+MAX_NONFINITE_STEPS = 5  # skipped steps in a row before the run gives up
 
 
 @dataclass
@@ -33,6 +44,8 @@ class Setup:
     captions: list
     instance_latents: object  # data.LatentCache
     class_latents: object = None  # data.LatentCache, or None without prior preservation
+    monitor: object = None  # validation.Monitor: tracker and evaluators
+    lora_tensors: object = None  # () -> the LoRA's tensors now (for lora_best.safetensors)
 
 
 def train(cfg, resume=False, stop_after=None, log=tqdm.write):
@@ -41,34 +54,42 @@ def train(cfg, resume=False, stop_after=None, log=tqdm.write):
     `resume` continues the run in cfg.output from its latest checkpoint. Ctrl-C (KeyboardInterrupt) saves
     a checkpoint at the last finished step and returns with interrupted=True.
     """
+    from .faults import guarded
     from .setup import prepare
 
     setup = prepare(cfg, resume, log)
-    torch.manual_seed(cfg.seed)  # LoRA's down factors are drawn from the global generator
-    unet_loras = inject_lora(setup.sd.unet, cfg.lora_targets, cfg.rank, cfg.alpha or None)
-    text_loras = inject_lora(setup.sd.text_encoder, TEXT_TARGETS, cfg.rank, cfg.alpha or None) \
-        if cfg.train_text_encoder else {}
-    setup.sd.unet.gradient_checkpointing = cfg.gradient_checkpointing
-    micro_per_epoch, total_steps = cfg.schedule_length(len(setup.instance_latents))
+    log = dist.main_log(log)  # under torchrun rank 0 speaks for all
+    unet_loras, text_loras = add_lora(cfg, setup.sd)
+    micro_per_epoch, total_steps = dist.schedule_length(cfg, len(setup.instance_latents))  # global batches
     state = TrainingState(cfg, unet_loras, text_loras, setup.hardware.grad_scaler(), total_steps)
+    setup.lora_tensors = state.lora_tensors
     if resume:
-        checkpoint = setup.run.latest_checkpoint()
-        state.load(checkpoint)
-        log(f"resumed from {checkpoint} (step {state.step} of {total_steps})")
-        setup.run.drop_after(state.step, state.step * cfg.grad_accum // micro_per_epoch)
-    elif cfg.validate_every:
+        checkpoint = setup.run.resume(state, log)  # the newest whole one; damaged ones are named and passed over
+        log(f"resumed from {checkpoint or 'the start'} (step {state.step} of {total_steps})")
+        if dist.is_main():
+            setup.run.drop_after(state.step, state.step * cfg.grad_accum // micro_per_epoch)
+    setup.monitor = Monitor(cfg, setup, state.step + 1 if resume else None) if dist.is_main() else None
+    if not resume and (cfg.validate_every or cfg.eval_every):
         validate(cfg, setup, epoch=0)
-    interrupted = run_loop(cfg, setup, state, total_steps, micro_per_epoch, stop_after)
-    setup.run.plot_loss()
+    with guarded(cfg, setup, state, total_steps):  # out of memory, a full disk: one line and a checkpoint
+        interrupted = run_loop(cfg, setup, state, total_steps, micro_per_epoch, stop_after)
+        return finish(cfg, setup, state, total_steps, interrupted, log)
+
+
+def finish(cfg, setup, state, total_steps, interrupted, log):
+    """loss.png, then the LoRA (or, when interrupted, a checkpoint to resume from), and what to do next."""
+    from .lora_file import save_lora
+
+    if dist.is_main():  # rank 0 alone writes the run folder
+        setup.run.plot_loss()
     if interrupted:
         checkpoint = save_checkpoint(cfg, setup, state)
         log(f"interrupted at step {state.step}/{total_steps}: checkpoint saved in {checkpoint}; "
-            f"continue with: python train.py --resume {setup.run.path}")
-        return {"output": setup.run.path, "lora": checkpoint / "lora.safetensors", "step": state.step,
+            f"continue with: {dist.command()} --resume {setup.run.path}")
+        return {"output": setup.run.path, "lora": checkpoint and checkpoint / "lora.safetensors", "step": state.step,
                 "interrupted": True}
-    from .lora_file import save_lora
-
-    save_lora(setup.run.lora_path, state.lora_tensors(), lora_metadata(cfg, setup, state.step))
+    if dist.is_main():
+        save_lora(setup.run.lora_path, state.lora_tensors(), lora_metadata(cfg, setup, state.step))
     log(f"done: {state.step} steps; LoRA in {setup.run.lora_path}; samples in {setup.run.samples}; loss plot "
         f"{setup.run.path / 'loss.png'}; try: python sample.py --model {cfg.model} --lora {setup.run.lora_path} "
         f"--prompt \"{setup.prompt} on the beach\" --height {setup.resolution} --width {setup.resolution}")
@@ -76,37 +97,41 @@ def train(cfg, resume=False, stop_after=None, log=tqdm.write):
 
 
 def run_loop(cfg, setup, state, total_steps, micro_per_epoch, stop_after=None):
-    """Micro-batches until `total_steps` optimizer steps; returns True when interrupted (Ctrl-C)."""
+    """Micro-batches until `total_steps` optimizer steps; returns True when interrupted (Ctrl-C).
+
+    Under torchrun every process draws the same global batch and keeps its rows (distributed.py)."""
+    from . import distributed as dist
     from .data import epoch_order
 
-    sd, n = setup.sd, len(setup.instance_latents)
-    bs = min(cfg.batch_size, n)
-    contexts = TextContexts(sd, trainable=bool(state.text_loras))
-    bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step")
-    start, boundary, running = time.time(), state.generator.get_state(), None
+    n = len(setup.instance_latents)
+    bs = min(cfg.batch_size * dist.world_size(), n)  # the global batch
+    contexts = TextContexts(setup.sd, trainable=bool(state.text_loras))
+    bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", disable=not dist.is_main())
+    start, boundary, running, stop = time.time(), state.generator.get_state(), None, False
+    dist.stop_on_signal()
     try:
         for micro in range(state.step * cfg.grad_accum, total_steps * cfg.grad_accum):
             epoch, pos = divmod(micro, micro_per_epoch)
             index = epoch_order(n, cfg.seed, epoch)[pos * bs:(pos + 1) * bs]
-            batch = assemble_batch(setup.instance_latents, setup.captions, index, setup.class_latents,
-                                   setup.class_prompt, state.generator, cfg.offset_noise)
-            sd.unet.train()
-            with setup.hardware.autocast():
-                parts = dreambooth_step(sd.unet, batch, contexts(batch.prompts), sd.prediction_type,
-                                        cfg.prior_weight if cfg.use_prior else 0.0, cfg.snr_gamma)
-            state.scaler.scale(parts[0] / cfg.grad_accum).backward()
-            parts = torch.stack(parts).detach() / cfg.grad_accum
+            batch, share = dist.local_batch(assemble_batch(
+                setup.instance_latents, setup.captions, index, setup.class_latents, setup.class_prompt,
+                state.generator, cfg.offset_noise))
+            parts = micro_step(cfg, setup, state, batch, contexts, share)
             running = parts if running is None else running + parts  # the mean over the micro-batches
             if (micro + 1) % cfg.grad_accum == 0:
+                running, stop = dist.sync_step(state.params, running)  # torchrun: the mean over the processes
                 log_step(cfg, setup, state, running, (micro + 1) / micro_per_epoch, time.time() - start, bar)
                 boundary, running = state.generator.get_state(), None
                 if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
                     save_checkpoint(cfg, setup, state)
             epochs_done = (micro + 1) // micro_per_epoch
-            if (micro + 1) % micro_per_epoch == 0 and cfg.validate_every and epochs_done % cfg.validate_every == 0:
-                validate(cfg, setup, epochs_done)
-            if stop_after is not None and state.step >= stop_after:
+            if (micro + 1) % micro_per_epoch == 0 and cfg.is_validation_epoch(epochs_done):
+                validate(cfg, setup, epochs_done, state.step)
+            if stop or (stop_after is not None and state.step >= stop_after):
                 raise Interrupted
+    except Diverged:
+        save_checkpoint(cfg, setup, state)  # finite factors: the non-finite steps were skipped
+        raise
     except (KeyboardInterrupt, Interrupted):
         state.generator.set_state(boundary)  # the state at the last finished step, which is what we save
         state.optimizer.zero_grad(set_to_none=True)
@@ -116,14 +141,44 @@ def run_loop(cfg, setup, state, total_steps, micro_per_epoch, stop_after=None):
     return False
 
 
+def micro_step(cfg, setup, state, batch, contexts, share):
+    """The DreamBooth loss of one micro-batch and its backward pass (the LoRA's gradients accumulate).
+
+    Returns the loss parts [loss, instance, prior] as this micro-batch's part of the optimizer step's mean:
+    times `share` (this process's share of the global batch, 1 without torchrun), over --grad-accum.
+    """
+    sd = setup.sd
+    if not batch.n_instance:  # under torchrun, a short last batch of an epoch can leave a process no rows
+        return torch.zeros(3, device=setup.hardware.device)
+    sd.unet.train()
+    with setup.hardware.autocast():
+        parts = dreambooth_step(sd.unet, batch, contexts(batch.prompts), sd.prediction_type,
+                                cfg.prior_weight if cfg.use_prior else 0.0, cfg.snr_gamma)
+    state.scaler.scale(parts[0] * share / cfg.grad_accum).backward()  # GradScaler: no fp16 gradient underflows
+    return torch.stack(parts).detach() * share / cfg.grad_accum
+
+
 def log_step(cfg, setup, state, running, epoch, seconds, bar):
-    """One optimizer step, then its line in log.jsonl and the progress bar."""
+    """One optimizer step, then its line in log.jsonl and the progress bar (rank 0's, under torchrun)."""
+    from .distributed import is_main
+
     lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses
-    grad_norm = state.optimizer_step(cfg.max_grad_norm)
     loss, loss_instance, loss_prior = running.tolist()
+    finite = math.isfinite(loss)
+    grad_norm = state.optimizer_step(cfg.max_grad_norm, finite)
     record = {"step": state.step, "epoch": round(epoch, 4), "loss": loss, "loss_instance": loss_instance,
               "loss_prior": loss_prior, "lr": lr, "grad_norm": grad_norm.item(), "seconds": round(seconds, 3)}
-    setup.run.append_log(record)
+    state.nonfinite_in_a_row = 0 if finite else getattr(state, "nonfinite_in_a_row", 0) + 1
+    if not finite:
+        record["skipped"] = "non-finite loss"
+    if is_main():
+        setup.run.append_log(record)
+    if state.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
+        raise Diverged(f"the loss was not finite for {MAX_NONFINITE_STEPS} steps in a row (up to step {state.step}); "
+                       "those steps were skipped and the LoRA is unharmed. Try a lower --lr, --precision fp32 or bf16, "
+                       "or --prediction-type if the model's was detected wrongly")
+    if is_main():
+        report_step(setup, record)
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
     bar.update(1)
     return record
@@ -144,19 +199,15 @@ class TextContexts:
         return torch.cat([self.cache[p] for p in prompts])
 
 
-def validate(cfg, setup, epoch):
-    """`validation_images` images of the validation prompt, same seeds every time: one row per epoch."""
-    from .sampling import generate, parameters_text
-
-    res = setup.resolution
-    setup.sd.unet.eval()
-    with torch.no_grad():
-        images = generate(setup.sd, setup.validation_prompt, num_images=cfg.validation_images,
-                          steps=cfg.validation_steps, seed=cfg.seed, height=res, width=res, progress=False)
-    parameters = parameters_text(setup.validation_prompt, "", cfg.validation_steps, 7.5, cfg.seed, res, res,
-                                 setup.sd.name, 0.0)
-    setup.run.save_samples(epoch, images, parameters)
-    setup.run.save_validation_row(epoch, images, parameters)
+def add_lora(cfg, sd):
+    """LoRA wrappers on the UNet's `lora_targets` (and the text encoder's attention): {path: wrapper} each."""
+    torch.manual_seed(cfg.seed)  # LoRA's down factors are drawn from the global generator
+    unet_loras = inject_lora(sd.unet, cfg.lora_targets, cfg.rank, cfg.alpha or None,
+                             conv_rank=cfg.conv_rank or None, conv_alpha=cfg.conv_alpha or None)
+    text_loras = inject_lora(sd.text_encoder, TEXT_TARGETS, cfg.rank, cfg.alpha or None) \
+        if cfg.train_text_encoder else {}
+    sd.unet.gradient_checkpointing = cfg.gradient_checkpointing
+    return unet_loras, text_loras
 
 
 def lora_metadata(cfg, setup, step):
@@ -166,10 +217,12 @@ def lora_metadata(cfg, setup, step):
             "ss_instance_prompt": setup.prompt, "ss_class_prompt": setup.class_prompt if cfg.use_prior else "",
             "ss_resolution": str(setup.resolution), "ss_network_dim": str(cfg.rank),
             "ss_network_alpha": str(cfg.alpha or cfg.rank), "ss_training_tool": "dreambooth_min",
-            "ss_steps": str(step)}
+            "ss_steps": str(step)} | {f"ss_base_model_{k}": str(v) for k, v in sd.source.items() if k != "path"}
 
 
+@dist.main_only
 def save_checkpoint(cfg, setup, state):
+    """checkpoints/step_NNNNNN (state.save), then older ones beyond --keep-checkpoints are removed."""
     folder = state.save(setup.run.path, lora_metadata(cfg, setup, state.step))
     setup.run.prune_checkpoints(cfg.keep_checkpoints)
     return folder

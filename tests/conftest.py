@@ -1,6 +1,13 @@
 """Shared fixtures: tiny seeded SD 1.x and 2.x models saved in both layouts, built once per session."""
+import os
+import tempfile
+
 import pytest
 import torch
+
+# No test may reach huggingface.co or a developer's real cache: the Hub tests start their own server.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="dreambooth_min_hf_")
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead (and CI has 2 cores)
 

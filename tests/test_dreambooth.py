@@ -66,11 +66,3 @@ def test_assemble_batch_puts_the_subject_first_then_as_many_class_rows():
     alone = assemble_batch(_Latents(3), ["c0", "c1", "c2"], torch.tensor([1]), None, "a dog", g)
     assert alone.n_instance == 1 and alone.prompts == ["c1"] and len(alone.latents) == 1
 
-
-def test_shards_of_a_global_batch_are_its_rows_per_process():
-    x = torch.arange(8.0)[:, None, None, None].expand(8, 4, 2, 2)
-    batch = Batch(x, x + 0.5, torch.arange(8), [f"p{i}" for i in range(8)], n_instance=4)  # 4 subject + 4 class
-    first, second = batch.shard(0, 2), batch.shard(1, 2)
-    assert first.timesteps.tolist() == [0, 1, 4, 5] and second.timesteps.tolist() == [2, 3, 6, 7]
-    assert first.n_instance == 2 and second.prompts == ["p2", "p3", "p6", "p7"]
-    assert torch.equal(second.noise[:, 0, 0, 0], torch.tensor([2.5, 3.5, 6.5, 7.5]))

@@ -1,5 +1,6 @@
 """LoRA: closed forms (W + (alpha/r) B A), fp32 factors under fp16 bases, kohya files, parity vs diffusers+peft."""
 import copy
+import json
 import os
 
 import pytest
@@ -8,7 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dreambooth_min.errors import UserError
-from dreambooth_min.lora import TEXT_TARGETS, UNET_TARGETS, LoRALinear, inject_lora, lora_parameters
+from dreambooth_min.layers import Conv2d
+from dreambooth_min.lora import (CONV_TARGETS, TEXT_TARGETS, UNET_TARGETS, LoRAConv2d, LoRALinear, inject_lora,
+                                 lora_parameters)
 from dreambooth_min.lora_file import apply_lora, kohya_name, load_lora, lora_state_dict, save_lora
 
 torch.set_num_threads(1)
@@ -336,3 +339,164 @@ def test_our_unet_matches_diffusers_with_lora(tmp_path):
         x, c = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 16)
         with torch.no_grad():
             assert (mine(x, torch.tensor(10), c) - ref(x, 10, c).sample).abs().max() <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# LoCon: LoRA on k x k convolutions (kohya sd-scripts conv_dim / LyCORIS locon)
+
+@pytest.mark.parametrize("conv_cls", [nn.Conv2d, Conv2d])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_locon_closed_form(conv_cls, stride):
+    """3x3 down (base stride and padding) then 1x1 up == one 3x3 conv of weight W + s * sum_j up[o, j] down[j, i]."""
+    torch.manual_seed(0)
+    conv = conv_cls(8, 6, 3, stride=stride, padding=1)
+    W, b = conv.weight.detach().clone(), conv.bias.detach().clone()
+    lora = inject_lora(nn.ModuleDict({"conv1": conv}), ("conv1",), rank=2, alpha=3)["conv1"]
+    assert isinstance(lora, LoRAConv2d) and lora.scale == 1.5
+    randomize({"c": lora})
+    down, up = lora.lora_down.weight.detach(), lora.lora_up.weight.detach()
+    assert down.shape == (2, 8, 3, 3) and up.shape == (6, 2, 1, 1)
+    hand = torch.einsum("oj,jikl->oikl", up[:, :, 0, 0], down)  # the composition of the two convs, by hand
+    assert torch.equal(lora.delta_weight(), 1.5 * (up[:, :, 0, 0] @ down.flatten(1)).view(6, 8, 3, 3))
+    assert (lora.delta_weight() - 1.5 * hand).abs().max() <= 1e-6
+    for mult in (1.0, 0.3):
+        lora.multiplier = mult
+        expect = F.conv2d(X, W + mult * 1.5 * hand, b, stride=stride, padding=1)
+        assert (lora(X) - expect).abs().max() <= 1e-5
+        lora.merge()
+        assert (lora(X) - expect).abs().max() <= 1e-5 and lora.merged == mult
+        lora.unmerge()
+        assert (conv.weight - W).abs().max() <= 1e-6
+
+
+def test_locon_gradients_through_the_frozen_conv_path():
+    """Our Conv2d keeps no input when frozen; the LoRA factors still get autograd's exact gradients."""
+    torch.manual_seed(0)
+    ours, ref = Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+    ref.load_state_dict(ours.state_dict())
+    grads = []
+    for conv in (ours, ref):
+        torch.manual_seed(1)
+        lora = LoRAConv2d(conv, rank=3, alpha=6)
+        randomize({"c": lora})
+        x = X.clone().requires_grad_(True)
+        lora(x).square().sum().backward()
+        grads.append((lora.lora_down.weight.grad, lora.lora_up.weight.grad, x.grad))
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_locon_inject_ranks_and_fp32():
+    """conv_rank / conv_alpha apply to k x k convs; 1x1 convs (conv_shortcut) and Linear layers keep rank / alpha."""
+    unet = _tiny_diffusers_unet()
+    targets = ("to_q", "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "conv_in")
+    loras = inject_lora(unet, targets, rank=4, alpha=8, conv_rank=2, conv_alpha=1)
+    kinds = {n: (type(m).__name__, m.rank, m.alpha) for n, m in loras.items()}
+    assert kinds["down_blocks.0.resnets.0.conv1"] == ("LoRAConv2d", 2, 1.0)
+    assert kinds["down_blocks.0.downsamplers.0.conv"] == ("LoRAConv2d", 2, 1.0)
+    assert loras["down_blocks.0.downsamplers.0.conv"].lora_down.stride == (2, 2)
+    assert kinds["up_blocks.0.resnets.0.conv_shortcut"] == ("LoRALinear", 4, 8.0)
+    assert kinds["conv_in"][0] == "LoRAConv2d" and kinds["mid_block.attentions.0.transformer_blocks.0.attn1.to_q"] == \
+        ("LoRALinear", 4, 8.0)
+    # defaults: conv_rank = rank, conv_alpha = alpha
+    m = inject_lora(_tiny_diffusers_unet(), ("conv2",), rank=3, alpha=5)["mid_block.resnets.0.conv2"]
+    assert (m.rank, m.alpha) == (3, 5.0)
+    unet.half()
+    assert all(p.dtype == torch.float32 for p in lora_parameters(loras))
+    sd = lora_state_dict(loras)
+    k = "lora_unet_down_blocks_0_resnets_0_conv1"
+    assert sd[k + ".lora_down.weight"].shape == (2, 32, 3, 3) and sd[k + ".lora_up.weight"].shape == (32, 2, 1, 1)
+    assert sd[k + ".alpha"].item() == 1.0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_locon_autocast_fp16_base_with_gradscaler(device):
+    """fp16 frozen convs (our Conv2d's no-input-kept path under autocast), fp32 LoCon factors, GradScaler."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"conv1": Conv2d(8, 8, 3, padding=1), "conv2": Conv2d(8, 8, 3, stride=2, padding=1)})
+    model.forward = lambda x: model["conv2"](F.silu(model["conv1"](x)))
+    loras = inject_lora(model.requires_grad_(False).to(device), ("conv1", "conv2"), rank=2)
+    model.half()
+    assert all(m.base.weight.dtype == torch.float16 and m.lora_up.weight.dtype == torch.float32 for m in loras.values())
+    _amp_steps(model, loras, device)
+    assert all(m.lora_up.weight.abs().sum() > 0 for m in loras.values())
+
+
+def test_locon_merge_unmerge_in_a_unet():
+    unet = _tiny_diffusers_unet()
+    x, c = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 16)
+    loras = inject_lora(unet, UNET_TARGETS + ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv",
+                                               "upsamplers.0.conv"), rank=4, alpha=2, conv_rank=3)
+    randomize(loras)
+    with torch.no_grad():
+        unmerged = unet(x, 10, c).sample
+        for m in loras.values():
+            m.merge()
+        merged = unet(x, 10, c).sample
+    assert (merged - unmerged).abs().max() <= 1e-5
+    assert (unmerged - _tiny_diffusers_unet()(x, 10, c).sample).abs().max() > 1e-2
+
+
+LOCON_TARGETS = UNET_ALL + CONV_TARGETS + ("conv_in", "conv_out")
+
+
+def test_locon_file_matches_diffusers(tmp_path):
+    """Our LoCon file (attention + every UNet conv, conv rank/alpha != linear rank/alpha, + text encoder) read by
+    diffusers' loader gives our UNet's output; our apply_lora on our own UNet too (merged and wrapped)."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    unet_mod = pytest.importorskip("dreambooth_min.unet")
+    from diffusers import StableDiffusionPipeline
+
+    unet = _tiny_diffusers_unet()
+    ours = unet_mod.UNet2DConditionModel(unet_mod.UNetConfig.from_diffusers(dict(unet.config))).eval()
+    ours.load_state_dict(unet.state_dict(), strict=True)
+    loras = inject_lora(unet, LOCON_TARGETS, rank=4, alpha=8, conv_rank=3, conv_alpha=1.5)
+    randomize(loras)
+    path = tmp_path / "locon.safetensors"
+    save_lora(path, lora_state_dict(loras))
+    meta = load_lora(path)[1]  # kohya's metadata: linear dim / alpha, and the conv ones in ss_network_args
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "8")
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "3", "conv_alpha": "1.5"}
+    ref = _tiny_diffusers_unet()
+    sd, alphas = StableDiffusionPipeline.lora_state_dict(str(path))
+    StableDiffusionPipeline.load_lora_into_unet(sd, alphas, ref)
+    x, c = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        theirs = ref(x, 10, c).sample
+        assert (unet(x, 10, c).sample - theirs).abs().max() <= 1e-4
+        assert (theirs - _tiny_diffusers_unet()(x, 10, c).sample).abs().max() > 1e-2
+    for merge in (True, False):
+        mine = copy.deepcopy(ours)
+        applied = apply_lora(mine, None, load_lora(path)[0], merge=merge)
+        assert len(applied) == len(loras)
+        if not merge:  # the same wrapper kinds as trained: 5 + 4 + 9 3x3 convs in down, mid, up; conv_in, conv_out
+            n_conv = sum(isinstance(m, LoRAConv2d) for m in loras.values())
+            assert n_conv == 20 and sum(isinstance(m, LoRAConv2d) for m in applied.values()) == n_conv
+        with torch.no_grad():
+            assert (mine(x, torch.tensor(10), c) - theirs).abs().max() <= 1e-4
+
+
+def test_locon_training_run_resumes_identically_and_writes_kohya_conv_keys(tiny_sd1, tmp_path):
+    """train.py with LoCon targets (attention + conv1/conv2) and the text encoder: a 3x3 down, 1x1 up per
+    conv, its own rank, and Ctrl-C + resume equal to an uninterrupted run, byte for byte."""
+    from pathlib import Path
+
+    from test_training import config
+
+    from dreambooth_min.training import train
+
+    kw = dict(steps=4, lora_targets=("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"), conv_rank=2,
+              train_text_encoder=True, prior_weight=0.0)
+    whole = train(config(tmp_path / "a", tiny_sd1["single"], **kw), log=lambda *_: None)
+    cfg = config(tmp_path / "b", tiny_sd1["single"], **kw)
+    train(cfg, stop_after=2, log=lambda *_: None)
+    resumed = train(cfg, resume=True, log=lambda *_: None)
+    assert Path(whole["lora"]).read_bytes() == Path(resumed["lora"]).read_bytes()
+    tensors, meta = load_lora(whole["lora"])
+    down = tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"]
+    up = tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"]
+    assert down.shape[0] == 2 and down.shape[2:] == (3, 3) and up.shape[1:] == (2, 1, 1)
+    assert tensors["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"].shape[0] == 4
+    assert any(k.startswith("lora_te_") for k in tensors) and "conv_dim" in meta.get("ss_network_args", "")

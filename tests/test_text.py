@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from dreambooth_min.errors import UserError
-from dreambooth_min.text import (TOKENIZER_DIR, convert_open_clip, encode_prompt, load_tokenizer,
-                                 match_text_prefix, text_config_from_json, text_config_from_state_dict, tokenize)
+from dreambooth_min.checkpoint import (convert_open_clip, match_text_prefix, text_config_from_json,
+                                       text_config_from_state_dict)
+from dreambooth_min.text import TOKENIZER_DIR, encode_prompt, load_tokenizer, tokenize
 
 PROMPTS = ["a photo of sks dog", "A PHOTO OF SKS DOG in Paris!!! It's 3.14 o'clock, (masterpiece:1.2)",
            "café naïve Zürich 東京 🐶 — ok?", "“curly quotes” &amp; ＦＵＬＬ width ﬁne", "  spaces\tand\nnewlines  ", ""]
@@ -62,10 +63,18 @@ def test_tokenize_matches_open_clip(open_clip_tokenize, version):
     assert torch.equal(tokenize(load_tokenizer(version), PROMPTS), expected)
 
 
-def test_long_prompt_is_cut_with_warning(open_clip_tokenize):
-    with pytest.warns(UserWarning, match=r"the last \d+ tokens were cut"):
-        ids = tokenize(load_tokenizer("sd2"), [LONG, "short"])
-    assert ids.shape == (2, 77) and ids[0, 0] == 49406 and ids[0, 76] == 49407
+def test_long_prompt_is_cut_with_one_warning_line(capsys):
+    ids = tokenize(load_tokenizer("sd2"), ["short", LONG])
+    assert ids.shape == (2, 77) and ids[1, 0] == 49406 and ids[1, 76] == 49407
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"warning: the prompt {LONG[:40]!r}"[:-1])
+    assert "the last" in lines[0] and "were cut" in lines[0]
+    tokenize(load_tokenizer("sd2"), [LONG])  # the same prompt again (every training step): no second line
+    assert capsys.readouterr().err == ""
+
+
+def test_long_prompt_is_cut_as_open_clip_cuts_it(open_clip_tokenize):
+    ids = tokenize(load_tokenizer("sd2"), [LONG, "short"])
     assert torch.equal(ids, open_clip_tokenize([LONG, "short"]))
 
 

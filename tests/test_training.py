@@ -208,8 +208,8 @@ def test_unreadable_and_small_images_warn_and_go_on(tiny_sd1, tmp_path):
     assert any("upscal" in m.lower() or "smaller" in m.lower() for m in messages)
 
 
-def run_cli(args, cwd, **kw):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def run_cli(args, cwd, env=None, **kw):
+    env = env or dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, **kw)
 
@@ -217,10 +217,12 @@ def run_cli(args, cwd, **kw):
 def test_cli_errors_are_one_line(tmp_path):
     (tmp_path / "weights").mkdir()
     synthetic_images(tmp_path / "imgs")
-    r = run_cli(["--images", "imgs"], tmp_path)  # no model in weights/
+    offline = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    r = run_cli(["--images", "imgs"], tmp_path, env=offline)  # no model in weights/: SD 1.5 from the Hub, offline
     assert r.returncode == 2 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: no model found in ") and "weights/" in last
+    assert last.startswith("error: stable-diffusion-v1-5/stable-diffusion-v1-5 is not in the Hugging Face cache")
+    assert not any((tmp_path / "runs").glob("*"))  # no run folder left behind
     r = run_cli(["--images", "missing", "--model", "x.safetensors"], tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "error:" in r.stderr
 
