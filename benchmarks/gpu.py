@@ -50,10 +50,10 @@ def tiny_config(sd2=False):
     """A two-level UNet with SD's topology (attention, then none), small enough for a CPU test."""
     if sd2:
         return UNetConfig(block_out_channels=(32, 64), attention_levels=(True, False), num_attention_heads=(1, 2),
-                          attention_head_dim=(32, 32), cross_attention_dim=64, use_linear_projection=True,
+                          num_head_channels=(32, 32), cross_attention_dim=64, use_linear_projection=True,
                           upcast_attention=True, layers_per_block=1)
     return UNetConfig(block_out_channels=(32, 64), attention_levels=(True, False), num_attention_heads=(2, 2),
-                      attention_head_dim=(16, 32), cross_attention_dim=32, layers_per_block=1)
+                      num_head_channels=(16, 32), cross_attention_dim=32, layers_per_block=1)
 
 
 # name: (title, config, image side in pixels)

@@ -51,7 +51,7 @@ def build(size, batch, smoke, seed=0):
 
     torch.manual_seed(seed)
     cfg = UNetConfig(block_out_channels=(32, 64), attention_levels=(True, False), num_attention_heads=(2, 2),
-                     attention_head_dim=(16, 32), cross_attention_dim=32, layers_per_block=1) if smoke \
+                     num_head_channels=(16, 32), cross_attention_dim=32, layers_per_block=1) if smoke \
         else UNetConfig.sd1()
     unet = UNet2DConditionModel(cfg).requires_grad_(False)
     params = lora_parameters(inject_lora(unet, UNET_TARGETS, rank=4))

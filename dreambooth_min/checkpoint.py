@@ -169,7 +169,7 @@ def infer_unet_config(shapes, num_heads=None, num_head_channels=None):
     return UNetConfig(
         in_channels=conv_in[1], out_channels=conv_out[0], block_out_channels=channels, layers_per_block=n,
         attention_levels=attention, num_attention_heads=tuple(d // h for d, h in zip(inner, head_dim)),
-        attention_head_dim=tuple(head_dim), cross_attention_dim=context, use_linear_projection=linear,
+        num_head_channels=tuple(head_dim), cross_attention_dim=context, use_linear_projection=linear,
         upcast_attention=linear,  # SD 2.x overflows fp16 in Q K^T; upcasting costs nothing in fp32
         transformer_layers_per_block=depth)
 

@@ -19,8 +19,8 @@ from .vae import AutoencoderKL, VAEConfig
 # levels (8x downscale like the real one). SD 1.x: 8 heads, conv projections, 32-wide text; SD 2.x: one
 # head per level, linear projections, 64-wide text (the same sizes as the tests' reference models).
 UNET = dict(block_out_channels=(32, 64, 64), layers_per_block=2, attention_levels=(True, True, False))
-UNETS = {"sd1": dict(UNET, num_attention_heads=(8, 8, 8), attention_head_dim=(4, 8, 8), cross_attention_dim=32),
-         "sd2": dict(UNET, num_attention_heads=(1, 1, 1), attention_head_dim=(32, 64, 64), cross_attention_dim=64,
+UNETS = {"sd1": dict(UNET, num_attention_heads=(8, 8, 8), num_head_channels=(4, 8, 8), cross_attention_dim=32),
+         "sd2": dict(UNET, num_attention_heads=(1, 1, 1), num_head_channels=(32, 64, 64), cross_attention_dim=64,
                      use_linear_projection=True, upcast_attention=True)}
 VAE = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1)
 TEXT = {"sd1": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,

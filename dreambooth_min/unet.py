@@ -28,7 +28,7 @@ class UNetConfig:
     layers_per_block: int = 2                             # res blocks per down level; up levels have one more
     attention_levels: tuple = (True, True, True, False)   # down level i has transformers; up levels mirror
     num_attention_heads: tuple = (8, 8, 8, 8)             # per level; the mid block uses the last level's
-    attention_head_dim: tuple = (40, 80, 160, 160)        # per level; the real per-head width
+    num_head_channels: tuple = (40, 80, 160, 160)         # per level: the width of one head (LDM's name)
     cross_attention_dim: int = 768                        # text width: 768 CLIP-L (SD1), 1024 OpenCLIP-H (SD2)
     use_linear_projection: bool = False                   # SD2: transformer proj_in/out are Linear, not 1x1 conv
     upcast_attention: bool = False                        # SD2 768-v: softmax(QK^T) overflows in fp16
@@ -37,7 +37,7 @@ class UNetConfig:
 
     def __post_init__(self):
         n = len(self.block_out_channels)
-        for name in ("block_out_channels", "attention_levels", "num_attention_heads", "attention_head_dim"):
+        for name in ("block_out_channels", "attention_levels", "num_attention_heads", "num_head_channels"):
             value = tuple(getattr(self, name))
             if len(value) != n:
                 raise UserError(f"UNet config: {name} has {len(value)} entries, block_out_channels has {n}")
@@ -61,7 +61,7 @@ class UNetConfig:
 
         The 512-base model is identical except `upcast_attention=False` (same weights layout).
         """
-        return cls(num_attention_heads=(5, 10, 20, 20), attention_head_dim=(64, 64, 64, 64),
+        return cls(num_attention_heads=(5, 10, 20, 20), num_head_channels=(64, 64, 64, 64),
                    cross_attention_dim=1024, use_linear_projection=True, upcast_attention=True)
 
     @classmethod
@@ -100,7 +100,7 @@ class UNetConfig:
             layers_per_block=n_layers,
             attention_levels=levels,
             num_attention_heads=heads,
-            attention_head_dim=tuple(c // h for c, h in zip(channels, heads)),
+            num_head_channels=tuple(c // h for c, h in zip(channels, heads)),
             cross_attention_dim=_per_level(context, 1)[0],
             use_linear_projection=bool(cfg.get("use_linear_projection", False)),
             upcast_attention=bool(cfg.get("upcast_attention", False)),
@@ -285,7 +285,7 @@ def _run(module, ckpt, *args):
 
 
 def _transformer(cfg, level, channels):
-    return Transformer2DModel(channels, cfg.num_attention_heads[level], cfg.attention_head_dim[level],
+    return Transformer2DModel(channels, cfg.num_attention_heads[level], cfg.num_head_channels[level],
                               cfg.depth(level), cfg.cross_attention_dim, cfg.use_linear_projection,
                               cfg.upcast_attention, cfg.norm_num_groups)
 

@@ -119,7 +119,7 @@ def test_config_inferred_from_real_shapes(cfg):
     got = infer_unet_config(shapes)
     as_tuple = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
     for field in ("block_out_channels", "layers_per_block", "attention_levels", "num_attention_heads",
-                  "attention_head_dim", "cross_attention_dim", "use_linear_projection", "in_channels", "out_channels",
+                  "num_head_channels", "cross_attention_dim", "use_linear_projection", "in_channels", "out_channels",
                   "transformer_layers_per_block"):
         assert as_tuple(getattr(got, field)) == as_tuple(getattr(cfg, field)), field
 

@@ -112,8 +112,8 @@ def test_from_diffusers_real_configs():
     assert UNetConfig.from_diffusers(SD15_JSON) == UNetConfig.sd1()
     assert UNetConfig.from_diffusers(SD21_JSON) == UNetConfig.sd2()
     sd2 = UNetConfig.sd2()
-    assert sd2.num_attention_heads == (5, 10, 20, 20) and sd2.attention_head_dim == (64, 64, 64, 64)
-    assert UNetConfig.sd1().attention_head_dim == (40, 80, 160, 160)
+    assert sd2.num_attention_heads == (5, 10, 20, 20) and sd2.num_head_channels == (64, 64, 64, 64)
+    assert UNetConfig.sd1().num_head_channels == (40, 80, 160, 160)
     # a config that names heads `num_attention_heads` (the correct name) means the same
     renamed = dict(SD21_JSON, num_attention_heads=[5, 10, 20, 20], attention_head_dim=None)
     assert UNetConfig.from_diffusers(renamed) == sd2
@@ -125,7 +125,7 @@ def test_from_diffusers_real_configs():
         assert ours.block_out_channels == cfg["block_out_channels"]
         assert ours.attention_levels == tuple(t.startswith("CrossAttn") for t in cfg["down_block_types"])
     ours = UNetConfig.from_diffusers(SD2_LIKE)  # a sparse dict: missing keys take diffusers' defaults
-    assert ours.num_attention_heads == (2, 4, 8, 8) and ours.attention_head_dim == (8, 8, 8, 8)
+    assert ours.num_attention_heads == (2, 4, 8, 8) and ours.num_head_channels == (8, 8, 8, 8)
     assert ours.use_linear_projection and ours.upcast_attention and ours.transformer_layers_per_block == 2
 
 

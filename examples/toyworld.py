@@ -1,0 +1,23 @@
+"""See DreamBooth work on a laptop: a toy world that shows the paper's two claims on 2 CPU cores.
+
+    python examples/toyworld.py --out toyworld_run        # about 10 minutes
+    python examples/toyworld.py --out /tmp/tw --tiny      # seconds: checks the pipeline only
+
+Makes a world of 32x32 coloured shapes, pretrains a toy Stable Diffusion on it with this project's own
+UNet, VAE and noise schedule, saves it as an ordinary diffusers folder, teaches it a striped magenta
+circle ("a photo of sks circle") through `python train.py` with and without prior preservation, and
+measures: does "sks circle" show the subject, does "a circle" drift towards it, does "a red circle" stay red.
+Writes results.json, figure.png and grids/ into --out. The code is in examples/toyworld/.
+"""
+import os
+import sys
+
+# Idle OpenMP threads sleep instead of spinning: on shared cores spinning threads steal the CPU from the
+# working ones (measured: 2 threads were 10x slower than 1 on a busy 2-core machine). Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from examples.toyworld.experiment import main  # noqa: E402  (after the environment is set)
+
+if __name__ == "__main__":
+    sys.exit(main())

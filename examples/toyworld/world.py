@@ -1,0 +1,137 @@
+"""The toy world: 32x32 pictures of one flat-coloured shape on a dark background, and pixel detectors.
+
+Everything is drawn from `random.Random(seed)`, whose stream Python guarantees for a given seed, so a seed
+gives the same pictures on every machine. Shapes are drawn at 4x the size and downsampled (anti-aliased).
+
+The DreamBooth subject is a circle with magenta and white stripes: magenta is no colour of the world and
+the world has no textures, so whatever of it appears in a "circle" sample came from the fine-tuning.
+"""
+import random
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 32
+SUPER = 4  # supersampling factor of the renderer
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {"red": (220, 35, 35), "green": (40, 190, 50), "blue": (45, 80, 230), "yellow": (225, 205, 35)}
+MAGENTA, WHITE = (225, 40, 215), (240, 240, 240)
+SUBJECT_PERIOD = 12  # pixels per magenta + white stripe pair: 6-pixel bands, 1.5 latent pixels each
+
+
+def caption(colour, shape, rng):
+    """ "a photo of a {colour} {shape}" (70%), "a photo of a {shape}" (20%), "" (10%, for guidance)."""
+    u = rng.random()
+    if u < 0.7:
+        return f"a photo of a {colour} {shape}"
+    return f"a photo of a {shape}" if u < 0.9 else ""
+
+
+def _geometry(rng):
+    """Centre and radius (in output pixels) of a shape: it stays whole inside the picture."""
+    r = rng.uniform(7.0, 11.0)
+    cx, cy = (SIZE / 2 + rng.uniform(-3.0, 3.0) for _ in range(2))
+    return cx, cy, r
+
+
+def _polygon(shape, cx, cy, r):
+    """Outline in supersampled pixels; None for a circle (drawn as an ellipse)."""
+    s = SUPER
+    if shape == "square":
+        h = r * 0.85
+        return [((cx - h) * s, (cy - h) * s), ((cx + h) * s, (cy - h) * s),
+                ((cx + h) * s, (cy + h) * s), ((cx - h) * s, (cy + h) * s)]
+    if shape == "triangle":
+        return [(cx * s, (cy - r) * s), ((cx + 0.93 * r) * s, (cy + 0.62 * r) * s),
+                ((cx - 0.93 * r) * s, (cy + 0.62 * r) * s)]
+    return None
+
+
+def shape_mask(shape, cx, cy, r):
+    """Supersampled 'L' mask of the shape."""
+    mask = Image.new("L", (SIZE * SUPER, SIZE * SUPER), 0)
+    draw = ImageDraw.Draw(mask)
+    poly = _polygon(shape, cx, cy, r)
+    if poly is None:
+        draw.ellipse([(cx - r) * SUPER, (cy - r) * SUPER, (cx + r) * SUPER, (cy + r) * SUPER], fill=255)
+    else:
+        draw.polygon(poly, fill=255)
+    return mask
+
+
+def pattern(kind, colour_a, colour_b, period, angle=0):
+    """Supersampled RGB fill: 'plain' (colour_a), 'stripes' at `angle` degrees, or 'checks'."""
+    n = SIZE * SUPER
+    if kind == "plain":
+        return Image.new("RGB", (n, n), colour_a)
+    y, x = np.mgrid[0:n, 0:n] / SUPER
+    if kind == "stripes":
+        t = np.deg2rad(angle)
+        u = x * np.sin(t) + y * np.cos(t)
+        first = (u % period) < period / 2
+    else:
+        first = ((x // (period / 2)) + (y // (period / 2))) % 2 == 0
+    rgb = np.where(first[..., None], np.array(colour_a), np.array(colour_b)).astype(np.uint8)
+    return Image.fromarray(rgb)
+
+
+def render(shape, fill, geometry, background):
+    """One 32x32 RGB picture: `fill` (supersampled image) inside the shape, grey `background` outside."""
+    n = SIZE * SUPER
+    canvas = Image.new("RGB", (n, n), (background,) * 3)
+    canvas.paste(fill, (0, 0), shape_mask(shape, *geometry))
+    return canvas.resize((SIZE, SIZE), Image.Resampling.BOX)
+
+
+def _jitter(colour, rng, amount=15):
+    return tuple(int(min(255, max(0, c + rng.randint(-amount, amount)))) for c in colour)
+
+
+def world_sample(rng, shape=None, colour=None):
+    """(image, caption, colour, shape) of the world; shape / colour random unless given."""
+    shape = shape or rng.choice(SHAPES)
+    colour = colour or rng.choice(list(COLOURS))
+    fill = pattern("plain", _jitter(COLOURS[colour], rng), None, 0)
+    image = render(shape, fill, _geometry(rng), rng.randint(5, 35))
+    return image, caption(colour, shape, rng), colour, shape
+
+
+def make_world(n, seed):
+    """(images [n] PIL, captions [n], colours [n], shapes [n]): the pretraining set."""
+    rng = random.Random(seed)
+    rows = [world_sample(rng) for _ in range(n)]
+    return tuple(list(col) for col in zip(*rows))
+
+
+def subject_image(rng):
+    """The subject: a circle with horizontal magenta / white stripes (never seen in pretraining)."""
+    fill = pattern("stripes", _jitter(MAGENTA, rng, 8), _jitter(WHITE, rng, 8), SUBJECT_PERIOD,
+                   angle=0)
+    return render("circle", fill, _geometry(rng), rng.randint(5, 35))
+
+
+def make_subject(n, seed):
+    rng = random.Random(seed * 7919 + 1)
+    return [subject_image(rng) for _ in range(n)]
+
+
+def texture_image(rng):
+    """Any shape, any two colours, stripes / checks / plain: teaches the autoencoder textures and colours
+    the world lacks (a real SD autoencoder can draw anything; only the denoiser's world is small)."""
+    a, b = (tuple(rng.randint(0, 255) for _ in range(3)) for _ in range(2))
+    kind = rng.choice(("stripes", "stripes", "checks", "plain"))
+    fill = pattern(kind, a, b, rng.uniform(4.0, 12.0), angle=rng.choice((0, 45, 90, 135)))
+    return render(rng.choice(SHAPES), fill, _geometry(rng), rng.randint(0, 60))
+
+
+def make_textures(n, seed):
+    rng = random.Random(seed * 104729 + 2)
+    return [texture_image(rng) for _ in range(n)]
+
+
+def to_tensor(images):
+    """PIL images -> float tensor [N, 3, 32, 32] in [-1, 1] (the autoencoder's range)."""
+    import torch
+
+    a = np.stack([np.asarray(im, dtype=np.uint8) for im in images])
+    return torch.from_numpy(a).permute(0, 3, 1, 2).float() / 127.5 - 1.0
