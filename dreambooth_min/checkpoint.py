@@ -203,15 +203,20 @@ def _build(cls, cfg, dtype, device):
 def fill(module, sources, what):
     """Copy tensors into every parameter and persistent buffer of `module`, exactly once.
 
-    `sources` yields (our name, zero-argument reader). Tensors are cast to the module's dtype; a
-    1x1-conv weight fills a linear one (LDM's VAE attention is 1x1 convs, diffusers' linear layers).
+    `sources` yields (our name, reader): reader(out) returns the tensor, read straight into `out` (the
+    parameter) when the stored dtype and shape allow. Tensors are cast to the module's dtype; a 1x1-conv
+    weight fills a linear one (LDM's VAE attention is 1x1 convs, diffusers' linear layers).
     """
     targets = module.state_dict(keep_vars=True)
     missing = set(targets)
     for name, read in sources:
         if name not in targets:
             raise UserError(f"unknown {what} architecture: unexpected tensor {name}")
-        dst, src = targets[name], read()
+        dst = targets[name]
+        src = read(dst)
+        if src is dst:
+            missing.discard(name)
+            continue
         if tuple(src.shape) != tuple(dst.shape):
             if src.dim() == 4 and src.shape[2:] == (1, 1) and tuple(src.shape[:2]) == tuple(dst.shape):
                 src = src[:, :, 0, 0]
@@ -321,7 +326,7 @@ def _load_text(text_tensors, version, dtype, device, config=None):
         model = CLIPTextModel(config)
     model = model.to(dtype).to_empty(device=device)
     tensors = match_text_prefix(text_tensors, model)  # `text_model.` or not, position_ids dropped
-    fill(model, ((k, lambda v=v: v) for k, v in tensors.items()), "text encoder")
+    fill(model, ((k, lambda out, v=v: v) for k, v in tensors.items()), "text encoder")
     for m in model.modules():  # to_empty left the non-persistent position ids uninitialised
         if isinstance(getattr(m, "position_ids", None), torch.Tensor):
             m.position_ids.copy_(torch.arange(m.position_ids.shape[-1], device=device))
@@ -351,7 +356,7 @@ def _load_single_file(path, dtype, device):
             ours = rename(key, table)
             if ours is None:
                 raise UserError(f"unknown {what} architecture: no rename for {prefix}{key}")
-            sources.append((ours, lambda k=prefix + key: f.read(k)))
+            sources.append((ours, lambda out, k=prefix + key: f.read(k, out)))
         return fill(module, sources, what).eval().requires_grad_(False)
 
     unet_cfg, vae_cfg = infer_unet_config(unet_shapes, **_yaml_heads(path)), infer_vae_config(vae_shapes)
@@ -414,7 +419,7 @@ def _load_folder(path, dtype, device):
     def load_part(cls, cfg_cls, sub, what):
         f = _weights_file(path / sub)
         module = _build(cls, cfg_cls.from_diffusers(_read_json(path / sub / "config.json")), dtype, device)
-        return fill(module, ((k, lambda k=k: f.read(k)) for k in f.entries), what).eval().requires_grad_(False)
+        return fill(module, ((k, lambda out, k=k: f.read(k, out)) for k in f.entries), what).eval().requires_grad_(False)
 
     unet = load_part(UNet2DConditionModel, UNetConfig, "unet", "UNet")
     vae = load_part(AutoencoderKL, VAEConfig, "vae", "VAE")

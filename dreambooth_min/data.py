@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
-from tqdm.auto import tqdm
 
 from .errors import UserError
 
@@ -124,7 +123,7 @@ def epoch_order(n, seed, epoch):
 
 
 @torch.no_grad()
-def encode_latents(vae, images, batch_size=4, bar=None):
+def encode_latents(vae, images, batch_size=4):
     """(mean, std) of the VAE posterior q(z|x) = N(mean, std^2) per image, fp32, on the VAE's device.
 
     std = exp(logvar / 2). Encoded once: the VAE is frozen during DreamBooth.
@@ -135,8 +134,6 @@ def encode_latents(vae, images, batch_size=4, bar=None):
         mean, logvar = vae.encode(images[i:i + batch_size].to(p.device, p.dtype))
         means.append(mean.float())
         stds.append(torch.exp(0.5 * logvar.float()))
-        if bar is not None:
-            bar.update(len(mean))
     return torch.cat(means), torch.cat(stds)
 
 
@@ -144,25 +141,37 @@ class LatentCache:
     """Posterior of each image and of its mirror image; sample() draws training latents.
 
     Flipping a cached latent is not the latent of the flipped image (the VAE is not mirror
-    symmetric), so the mirror images are encoded too and one of the two is picked per step.
+    symmetric), so the mirror images are encoded too and one of the two is picked per step. Each
+    (image, view) is encoded once, when first drawn: a short run encodes only what it uses, a long one
+    everything, and the latents are the same either way (one image per encode).
     """
 
-    def __init__(self, vae, images, batch_size=4, flip=True, desc=None):
+    def __init__(self, vae, images, flip=True):
+        self.vae, self.images, self.views = vae, images, 2 if flip else 1
         self.scaling_factor = vae.scaling_factor
-        views = [images, images.flip(-1)] if flip else [images]
-        with tqdm(total=len(images) * len(views), desc=desc or "latents", unit="img", disable=desc is None) as bar:
-            pairs = [encode_latents(vae, v, batch_size, bar) for v in views]
-        self.mean = torch.stack([m for m, _ in pairs], 1)  # [N, views, 4, h, w]
-        self.std = torch.stack([s for _, s in pairs], 1)
+        self.posteriors = {}  # (image, view) -> (mean, std) [4, h, w]
 
     def __len__(self):
-        return self.mean.shape[0]
+        return len(self.images)
+
+    def posterior(self, i, view):
+        if (i, view) not in self.posteriors:
+            image = self.images[i:i + 1]
+            mean, std = encode_latents(self.vae, image.flip(-1) if view else image, batch_size=1)
+            self.posteriors[i, view] = mean[0], std[0]
+        return self.posteriors[i, view]
+
+    @property
+    def mean(self):
+        """[N, views, 4, h, w], every image encoded."""
+        return torch.stack([torch.stack([self.posterior(i, v)[0] for v in range(self.views)]) for i in range(len(self))])
 
     def sample(self, index, generator=None):
         """z = (mean + std * eps) * scaling_factor for images `index` (a LongTensor), random view each."""
         index = torch.as_tensor(index, dtype=torch.long)
-        gdev = generator.device if generator is not None else self.mean.device
-        view = torch.randint(self.mean.shape[1], (len(index),), generator=generator, device=gdev).cpu()
-        mean, std = self.mean[index, view], self.std[index, view]
+        gdev = generator.device if generator is not None else torch.device("cpu")
+        view = torch.randint(self.views, (len(index),), generator=generator, device=gdev).cpu()
+        pairs = [self.posterior(int(i), int(v)) for i, v in zip(index, view)]
+        mean, std = torch.stack([m for m, _ in pairs]), torch.stack([s for _, s in pairs])
         eps = torch.randn(mean.shape, generator=generator, device=gdev).to(mean.device)
         return (mean + std * eps) * self.scaling_factor

@@ -66,16 +66,20 @@ class SafetensorsFile:
     def shapes(self):
         return {k: tuple(e["shape"]) for k, e in self.entries.items()}
 
-    def read(self, name):
-        """The tensor `name` in its stored dtype, on the CPU, in memory of its own."""
+    def read(self, name, out=None):
+        """The tensor `name` in its stored dtype, on the CPU, in memory of its own; or read straight into
+        `out` when it is a CPU tensor of that dtype and shape (a parameter to fill: no second copy)."""
         e = self.entries[name]
         start, end = e["data_offsets"]
-        buf = torch.empty(end - start, dtype=torch.uint8)
+        dtype, shape = DTYPES[e["dtype"]], tuple(e["shape"])
+        direct = out is not None and out.device.type == "cpu" and out.dtype == dtype and tuple(out.shape) == shape \
+            and out.is_contiguous()
+        target = out if direct else torch.empty(shape, dtype=dtype)
         with open(self.path, "rb") as f:
             f.seek(self.data_start + start)
-            if f.readinto(buf.numpy()) != end - start:
+            if end > start and f.readinto(target.reshape(-1).view(torch.uint8).numpy()) != end - start:
                 raise UserError(f"{self.path} is truncated at tensor {name}")
-        return buf.view(DTYPES[e["dtype"]]).reshape(e["shape"])
+        return target
 
 
 FULL = (errno.ENOSPC, errno.EDQUOT)

@@ -73,13 +73,8 @@ def latents(cfg, setup, images, class_dir):
             raise UserError(f"class images drawn by other processes are missing in {class_dir}: with torchrun on "
                             "several machines, give --class-dir (and --output) on a filesystem they share")
         class_images = torch.stack([load_image(p, res)[0] for p in paths])
-        class_latents = LatentCache(sd.vae, class_images, flip=cfg.flip, desc=_bar("class latents"))
-    return LatentCache(sd.vae, images, flip=cfg.flip, desc=_bar("photo latents")), class_latents
-
-
-def _bar(title):
-    """A progress bar's title on rank 0; None (no bar) on the other processes under torchrun."""
-    return title if dist.is_main() else None
+        class_latents = LatentCache(sd.vae, class_images, flip=cfg.flip)  # encoded when first drawn
+    return LatentCache(sd.vae, images, flip=cfg.flip), class_latents
 
 
 def plan(cfg, setup, n_images, class_dir):

@@ -192,7 +192,7 @@ def test_latent_cache_samples_and_flips():
     torch.manual_seed(0)
     images = torch.rand(3, 3, 16, 16) * 2 - 1
     vae = StandInVAE(logvar=(-30.0,) * 4)  # std ~ 3e-7: a sample is (almost exactly) the chosen view's mean
-    cache = LatentCache(vae, images, batch_size=2, flip=True)
+    cache = LatentCache(vae, images, flip=True)
     views = [vae.encode(images)[0] * vae.scaling_factor, vae.encode(images.flip(-1))[0] * vae.scaling_factor]
     g = torch.Generator().manual_seed(0)
     seen = set()

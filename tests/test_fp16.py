@@ -33,8 +33,11 @@ def test_half_precision_training_on_the_cpu(precision, tiny_sd1, tmp_path):
     assert all(torch.isfinite(torch.tensor(_losses(result["output"]))))
     tensors, _ = load_lora(result["lora"])
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in tensors.values())
-    ups = [v for k, v in tensors.items() if k.endswith("lora_up.weight")]
-    assert all(v.abs().max() > 0 for v in ups)  # B starts at 0: every factor moved
+    # B starts at 0: every factor moved, but for the mid block's self-attention q and k: at 32 px it sees one
+    # token, so softmax is exactly 1 and q, k get no gradient at all
+    single_token = ("mid_block_attentions_0_transformer_blocks_0_attn1_to_q", "mid_block_attentions_0_transformer_blocks_0_attn1_to_k")
+    ups = [v for k, v in tensors.items() if k.endswith("lora_up.weight") and not k.startswith(tuple(f"lora_unet_{n}" for n in single_token))]
+    assert all(v.abs().max() > 0 for v in ups)
     assert (Path(result["output"]) / "samples" / "epoch_0002.png").exists()  # validation ran in fp16 too
     checkpoint, _ = load_lora(Path(result["output"]) / "checkpoints" / "step_000004" / "lora.safetensors")
     assert all(v.dtype == torch.float32 for v in checkpoint.values())
