@@ -51,6 +51,16 @@ def lora_state_dict(unet_loras, text_loras=None, dtype=torch.float32):
     return out
 
 
+def training_metadata(sd, instance_prompt, class_prompt, resolution, rank, alpha, step):
+    """What our LoRA files say about their training, in kohya's ss_* keys (which A1111 shows): the base model
+    (and, for a Hub model, its repo and commit), prompts, resolution, rank, alpha, steps."""
+    return {"ss_base_model": sd.name, "ss_sd_version": sd.version, "ss_prediction_type": sd.prediction_type,
+            "ss_instance_prompt": instance_prompt, "ss_class_prompt": class_prompt,
+            "ss_resolution": str(resolution), "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
+            "ss_training_tool": "dreambooth_min", "ss_steps": str(step)} | \
+        {f"ss_base_model_{k}": str(v) for k, v in sd.source.items() if k != "path"}
+
+
 def save_lora(path, tensors, metadata=None):
     """Write `tensors` (lora_state_dict) atomically, with string metadata plus kohya's ss_network_* keys
     (dim / alpha of the linear layers; a LoCon file's conv dim / alpha in ss_network_args, as sd-scripts)."""

@@ -1,7 +1,8 @@
 """The training run: set up, then repeat dreambooth_step (dreambooth.py) and an optimizer step on the LoRA.
 
-train() reads top to bottom: check the settings, load the model and photos, draw the class images, cache
-latents, add LoRA, then the loop; Ctrl-C saves a checkpoint from which `resume=True` continues exactly.
+train() reads top to bottom: check the settings, load the model and photos, draw the class images, add LoRA,
+then the loop (latents are encoded as first drawn); Ctrl-C saves a checkpoint from which `resume=True`
+continues exactly.
 """
 import dataclasses
 import math
@@ -211,13 +212,11 @@ def add_lora(cfg, sd):
 
 
 def lora_metadata(cfg, setup, step):
-    """What a LoRA file says about its training (kohya's ss_* keys, which A1111 shows)."""
-    sd = setup.sd
-    return {"ss_base_model": sd.name, "ss_sd_version": sd.version, "ss_prediction_type": sd.prediction_type,
-            "ss_instance_prompt": setup.prompt, "ss_class_prompt": setup.class_prompt if cfg.use_prior else "",
-            "ss_resolution": str(setup.resolution), "ss_network_dim": str(cfg.rank),
-            "ss_network_alpha": str(cfg.alpha or cfg.rank), "ss_training_tool": "dreambooth_min",
-            "ss_steps": str(step)} | {f"ss_base_model_{k}": str(v) for k, v in sd.source.items() if k != "path"}
+    """The training facts a LoRA file records (lora_file.training_metadata)."""
+    from .lora_file import training_metadata
+
+    return training_metadata(setup.sd, setup.prompt, setup.class_prompt if cfg.use_prior else "", setup.resolution,
+                             cfg.rank, cfg.alpha or cfg.rank, step)
 
 
 @dist.main_only
