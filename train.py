@@ -17,7 +17,7 @@ from dreambooth_min.training import train
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                usage="%(prog)s --images FOLDER [options]  |  %(prog)s --resume RUN [--device D]")
+                                usage="%(prog)s --images FOLDER [options]  |  %(prog)s --resume RUN [--device D] [--gradient-checkpointing]")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its latest checkpoint, with "
                    "its config.json (model, images, every setting); only --device and --gradient-checkpointing (same result, less memory) may be given with it")
     add_options(p, TrainConfig)

@@ -9,7 +9,7 @@ image per step; the class images are pre-drawn synthetic PNGs in one folder that
 time drawing them), rank 4 on to_q/to_k/to_v/to_out.0, lr 1e-4, fp32 on the CPU, no validation, no checkpoint.
 
 diffusers' script is `examples/dreambooth/train_dreambooth_lora.py`, read from a git copy of diffusers
-(`--diffusers-repo`, e.g. the one `fetch github:huggingface/diffusers` gives) or a file (`--diffusers-script`,
+(`--diffusers-repo`, default $DIFFUSERS_REPO or ../diffusers: `git clone https://github.com/huggingface/diffusers`) or a file (`--diffusers-script`,
 or $DIFFUSERS_DREAMBOOTH_SCRIPT), copied into the temporary work folder at run time (never into this
 repository), and run unchanged. It imports torchvision only for four image transforms; torchvision is not
 installed here, so the harness writes a stand-in `torchvision` package (PIL + torch: Resize, CenterCrop /
@@ -36,7 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_IN_REPO = "examples/dreambooth/train_dreambooth_lora.py"
-DEFAULT_DIFFUSERS_REPO = Path("/work/.mirror/huggingface+diffusers/repo")
+# A clone of github.com/huggingface/diffusers (a work tree, or a bare git directory: the script is read with git show)
+DEFAULT_DIFFUSERS_REPO = Path(os.environ.get("DIFFUSERS_REPO", "../diffusers"))
 INSTANCE_PROMPT, CLASS_PROMPT = "a photo of sks dog", "a photo of dog"
 # tqdm lines of the two training loops: ours is "training", diffusers' script "Steps"
 PROGRESS = re.compile(r"(?:^|\s)(?:training|Steps):\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)")

@@ -107,7 +107,7 @@ def load_instance_images(folder, resolution, prompt):
         raise UserError(f"none of the {len(paths)} images in {folder} could be read, e.g. {failed[0]}")
     warnings += [f"skipped unreadable image {f}" for f in failed]
     others = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                    and p.suffix.lower() not in IMAGE_EXTS + (".txt",))
+                    and p.suffix.lower() not in IMAGE_EXTS + (".txt", ".md"))  # captions; a README or attribution
     if others:
         warnings.append(f"ignored {len(others)} files that are not {'/'.join(IMAGE_EXTS)} images, e.g. {others[0]}")
     return torch.stack(images), captions, warnings

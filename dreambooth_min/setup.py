@@ -95,7 +95,7 @@ def plan(cfg, setup, n_images, class_dir):
              f"prior       {prior}",
              f"validation  {setup.validation_prompt!r}" + (f" every {cfg.validate_every} epochs"
                                                           if cfg.validate_every else " off"),
-             f"training    {steps} steps ({steps * cfg.grad_accum / micro:g} epochs), LoRA rank {cfg.rank} on "
+             f"training    {steps} step{'s' * (steps != 1)} ({steps * cfg.grad_accum / micro:g} epochs), LoRA rank {cfg.rank} on "
              f"{','.join(cfg.lora_targets)}{' + text encoder' if cfg.train_text_encoder else ''}",
              f"hardware    {hw.device}, {hw.precision}" + (f", {dist.world_size()} processes (torchrun) of "
                                                          f"batch {cfg.batch_size} each" if dist.world_size() > 1 else ""),

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import math
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -62,7 +63,7 @@ class TrainingState:
         if loss_finite and (self.scaler.is_enabled() or torch.isfinite(grad_norm)):
             self.scaler.step(self.optimizer)
         with warnings.catch_warnings():  # a skipped step still advances the LR schedule, on purpose
-            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before")
+            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             self.lr_schedule.step()

@@ -91,7 +91,8 @@ def finish(cfg, setup, state, total_steps, interrupted, log):
                 "interrupted": True}
     if dist.is_main():
         save_lora(setup.run.lora_path, state.lora_tensors(), lora_metadata(cfg, setup, state.step))
-    log(f"done: {state.step} steps; LoRA in {setup.run.lora_path}; samples in {setup.run.samples}; loss plot "
+    samples = f"samples in {setup.run.samples}; " if cfg.validate_every or cfg.eval_every else ""
+    log(f"done: {state.step} step{'s' * (state.step != 1)}; LoRA in {setup.run.lora_path}; {samples}loss plot "
         f"{setup.run.path / 'loss.png'}; try: python sample.py --model {cfg.model} --lora {setup.run.lora_path} "
         f"--prompt \"{setup.prompt} on the beach\" --height {setup.resolution} --width {setup.resolution}")
     return {"output": setup.run.path, "lora": setup.run.lora_path, "step": state.step, "interrupted": False}

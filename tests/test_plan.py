@@ -12,7 +12,7 @@ def test_the_plan_is_printed_before_slow_work(tiny_sd1, tmp_path):
           log=lines.append)
     plan = lines[0]
     for part in ("model ", "(sd1, epsilon)", "photos      3 from", "32 px", "'a photo of sks person'",
-                 "--class-noun", "prior       2 of 'a photo of person'", "0 cached, 2 to draw", "training    1 steps",
+                 "--class-noun", "prior       2 of 'a photo of person'", "0 cached, 2 to draw", "training    1 step ",
                  "hardware    cpu, fp32", "output"):
         assert part in plan, part
 
