@@ -264,3 +264,31 @@ def test_sample_cli_unreachable_hub_one_line_exit_2(hub, tmp_path, monkeypatch, 
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: tiny/sd1 is not in the Hugging Face cache")
     assert "cannot be reached (ConnectError)" in lines[0] and not out.exists()
+
+
+def test_train_cli_by_repo_id_records_the_commit_then_runs_offline(hub, tmp_path):
+    """train.py --model owner/name through the stand-in Hub: the commit goes into config.json and the LoRA;
+    the same id again with HF_HUB_OFFLINE=1 trains from the cache without one request."""
+    from PIL import Image
+
+    from dreambooth_min.lora_file import load_lora
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 40), (60 * i, 120, 200)).save(tmp_path / "imgs" / f"{i}.png")
+    env = {k: v for k, v in os.environ.items() if k not in CLEARED} | {"HF_ENDPOINT": hub.url,
+                                                                       "HF_HOME": str(tmp_path / "cli-hf")}
+    args = [sys.executable, str(ROOT / "train.py"), "--images", "imgs", "--model", "tiny/sd1", "--revision", "old",
+            "--resolution", "32", "--no-prior", "--steps", "2", "--validate-every", "0"]
+    r = subprocess.run(args + ["--output", "a"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    resolved = json.loads((tmp_path / "a" / "config.json").read_text())["resolved"]
+    assert resolved["source"] == {"repo_id": "tiny/sd1", "revision": hub.sha_old, "file": None}
+    _, meta = load_lora(tmp_path / "a" / "lora.safetensors")
+    assert meta["ss_base_model_repo_id"] == "tiny/sd1" and meta["ss_base_model_revision"] == hub.sha_old
+    n = len(hub.log)
+    r = subprocess.run(args + ["--output", "b"], cwd=tmp_path, env=env | {"HF_HUB_OFFLINE": "1"}, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(hub.log) == n  # not one request
+    assert (tmp_path / "a" / "lora.safetensors").read_bytes() == (tmp_path / "b" / "lora.safetensors").read_bytes()
