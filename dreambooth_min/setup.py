@@ -1,4 +1,5 @@
-"""Everything a run does before its first step: check, load, show the plan, draw class images, cache latents.
+"""Everything a run does before its first step: check, load, show the plan, draw class images, set up the
+latent caches (each latent is encoded when first drawn).
 
 Checks come first and the run folder is created only once they pass, so a run that cannot start leaves
 nothing behind; Ctrl-C before the first step removes the folder again (class images drawn so far stay in

@@ -50,6 +50,7 @@ class TrainingState:
         # generator per epoch (data.epoch_order) and the LoRA init uses torch's global one.
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
+        self.nonfinite_in_a_row = 0  # steps skipped for a non-finite loss since the last good one
         # The generator at the end of the last finished step, and whether the factors are whole (not in
         # the middle of an update): what `rewind` needs to checkpoint after a failure inside a step.
         self.boundary, self.whole = self.generator.get_state(), True

@@ -170,7 +170,7 @@ def log_step(cfg, setup, state, running, epoch, seconds, bar):
     grad_norm = state.optimizer_step(cfg.max_grad_norm, finite)
     record = {"step": state.step, "epoch": round(epoch, 4), "loss": loss, "loss_instance": loss_instance,
               "loss_prior": loss_prior, "lr": lr, "grad_norm": grad_norm.item(), "seconds": round(seconds, 3)}
-    state.nonfinite_in_a_row = 0 if finite else getattr(state, "nonfinite_in_a_row", 0) + 1
+    state.nonfinite_in_a_row = 0 if finite else state.nonfinite_in_a_row + 1
     if not finite:
         record["skipped"] = "non-finite loss"
     if is_main():

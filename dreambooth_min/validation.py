@@ -7,6 +7,8 @@ import torch
 
 from .distributed import main_only
 
+GUIDANCE = 7.5  # classifier-free guidance scale of the validation (and class-prompt) images
+
 
 class Monitor:
     """The run's tracker (trackers.py) and, with --eval-every, the evaluator models and real-photo embeddings."""
@@ -40,13 +42,15 @@ def report_step(setup, record):
 
 
 def draw(cfg, setup, prompt):
-    """`validation_images` images of `prompt` with the same seeds at every epoch, so rows are comparable."""
-    from .sampling import generate
+    """(images, their A1111 parameters text): `validation_images` images of `prompt` with the same seeds at
+    every epoch, so rows are comparable."""
+    from .sampling import generate, parameters_text
 
     res = setup.resolution
     with torch.no_grad():
-        return generate(setup.sd, prompt, num_images=cfg.validation_images, steps=cfg.validation_steps,
-                        seed=cfg.seed, height=res, width=res, progress=f"drawing {prompt!r}")
+        images = generate(setup.sd, prompt, num_images=cfg.validation_images, steps=cfg.validation_steps,
+                          guidance=GUIDANCE, seed=cfg.seed, height=res, width=res, progress=f"drawing {prompt!r}")
+    return images, parameters_text(prompt, "", cfg.validation_steps, GUIDANCE, cfg.seed, res, res, setup.sd.name, 0.0)
 
 
 @main_only
@@ -73,13 +77,8 @@ def validate(cfg, setup, epoch, step=0):
 
 
 def _validate(cfg, setup, epoch, step):
-    from .sampling import parameters_text
-
     setup.sd.unet.eval()
-    res = setup.resolution
-    images = draw(cfg, setup, setup.validation_prompt)
-    parameters = parameters_text(setup.validation_prompt, "", cfg.validation_steps, 7.5, cfg.seed, res, res,
-                                 setup.sd.name, 0.0)
+    images, parameters = draw(cfg, setup, setup.validation_prompt)
     setup.run.save_samples(epoch, images, parameters)
     setup.run.save_validation_row(epoch, images, parameters)
     monitor = setup.monitor
@@ -95,14 +94,11 @@ def evaluate(cfg, setup, epoch, step, images):
     metrics.jsonl gets a line, and with --keep-best the LoRA of the best epoch so far is kept."""
     from .evaluation import best_epoch, evaluate_epoch, plot_metrics, write_jsonl_atomic
     from .report import read_jsonl
-    from .sampling import parameters_text
 
     class_images = None
     if cfg.use_prior:
-        class_images = draw(cfg, setup, setup.class_prompt)
-        res = setup.resolution
-        setup.run.save_samples(epoch, class_images, parameters_text(
-            setup.class_prompt, "", cfg.validation_steps, 7.5, cfg.seed, res, res, setup.sd.name, 0.0), prefix="class_")
+        class_images, parameters = draw(cfg, setup, setup.class_prompt)
+        setup.run.save_samples(epoch, class_images, parameters, prefix="class_")
     record = {"epoch": epoch, "step": step} | evaluate_epoch(setup.monitor.evaluators, setup.monitor.real, images,
                                                            setup.validation_prompt, class_images)
     path = setup.run.path / "metrics.jsonl"
