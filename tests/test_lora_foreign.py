@@ -86,7 +86,7 @@ def sd1(tmp_path_factory):
 
 
 def _image(args, out):
-    assert sample.main(args + ["--prompt", PROMPT, "--steps", "5", "--height", "32", "--width", "32", "--seed", "1",
+    assert sample.main(args + ["--prompt", PROMPT, "--steps", "5", "--height", "48", "--width", "48", "--seed", "1",
                                "--out", str(out), "--no-progress"]) == 0
     return Image.open(out)
 
@@ -101,9 +101,9 @@ def test_peft_file_matches_diffusers_image(sd1, tmp_path):
     image = _image(["--model", str(sd1["folder"]), "--lora", str(sd1["peft"])], tmp_path / "out.png")
     pipe = _fresh_pipe(sd1)
     pipe.load_lora_weights(str(sd1["root"]), weight_name="peft.safetensors")
-    ref = _reference_images(pipe, [1], 32, 32, steps=5)
+    ref = _reference_images(pipe, [1], 48, 48, steps=5, name="peft LoRA adapter")
     _assert_same_pixels(np.asarray(image)[None], ref)
-    plain = _reference_images(sd1["pipe"], [1], 32, 32, steps=5)
+    plain = _reference_images(sd1["pipe"], [1], 48, 48, steps=5, name="foreign sd1")
     assert np.abs(ref.astype(int) - plain).mean() > 5  # the LoRA changes the picture
     assert image.text["parameters"].endswith(", LoRA: peft:1.0")
 
@@ -116,7 +116,8 @@ def test_two_loras_with_their_scales_match_diffusers(sd1, tmp_path):
     pipe.load_lora_weights(str(sd1["root"]), weight_name="peft.safetensors", adapter_name="a")
     pipe.load_lora_weights(str(sd1["root"]), weight_name="locon.safetensors", adapter_name="b")
     pipe.set_adapters(["a", "b"], adapter_weights=[0.8, 0.6])
-    _assert_same_pixels(np.asarray(image)[None], _reference_images(pipe, [1], 32, 32, steps=5))
+    _assert_same_pixels(np.asarray(image)[None], _reference_images(pipe, [1], 48, 48, steps=5,
+                                                                         name="two LoRA adapters"))
     assert image.text["parameters"].endswith(', LoRA: "peft:0.8, locon:0.6"')
 
 
