@@ -34,28 +34,37 @@ def perturbed(modules, rel=REL, seed=0):
                 t.copy_(v)
 
 
-def _array(x):
+def _arrays(x):
+    """A tensor, an array, or a list / tuple of them (several compared outputs) -> a list of float64 arrays."""
+    if isinstance(x, (list, tuple)):
+        return [a for v in x for a in _arrays(v)]
     if isinstance(x, torch.Tensor):
-        return x.detach().double().cpu().numpy()
-    return np.asarray(x, dtype=np.float64)
+        return [x.detach().double().cpu().numpy()]
+    return [np.asarray(x, dtype=np.float64)]
 
 
 def assert_well_conditioned(name, f, modules, atol, mean_atol=None, rel=REL, seed=0):
-    """f() -> the compared output (a tensor or array, in the units of the tolerance), computed from `modules`.
-    atol: the comparison's max |diff| tolerance; mean_atol: its mean |diff| tolerance, if it has one (for images
-    compared in whole 1/255 steps, the share of values allowed to differ: a move of d/255 flips about d of them).
-    Asserts the 1e-6 perturbation moves f by less than a tenth of each; returns (max move, mean move)."""
+    """f() -> the compared output: a tensor or array, or a list of them, computed from `modules`.
+    atol: the comparison's max |diff| tolerance (one per output if f gives a list); mean_atol: its mean |diff|
+    tolerance, if it has one (images compared in whole 1/255 steps allow a share of values to differ: a move of
+    d/255 flips about d of them). Asserts the perturbation moves every output by less than a tenth of each of its
+    tolerances; returns the largest move as a share of the tolerance."""
     if name not in MOVES:
         with torch.no_grad():
-            base = _array(f())
+            base = _arrays(f())
             with perturbed(modules, rel, seed):
-                moved = _array(f())
-        diff = np.abs(moved - base)
-        MOVES[name] = (float(diff.max()), float(diff.mean()))
-        print(f"conditioning {name}: 1e-6 relative weight noise moves the output by max {MOVES[name][0]:.2e} "
-              f"(tolerance {atol:g}), mean {MOVES[name][1]:.2e}" + (f" (tolerance {mean_atol:g})" if mean_atol else ""))
-    max_move, mean_move = MOVES[name]
-    assert max_move < atol / 10, f"{name}: ill-conditioned, 1e-6 weight noise moves the output by {max_move:.3g}"
-    if mean_atol is not None:
-        assert mean_move < mean_atol / 10, f"{name}: ill-conditioned, mean move {mean_move:.3g}"
+                moved = _arrays(f())
+        atols = list(atol) if isinstance(atol, (list, tuple)) else [atol] * len(base)
+        assert len(atols) == len(base), "one tolerance per compared output"
+        diffs = [np.abs(m - b) for m, b in zip(moved, base)]
+        share = max(d.max() / a for d, a in zip(diffs, atols))
+        text = ", ".join(f"{d.max():.2e} of {a:g}" for d, a in zip(diffs, atols))
+        if mean_atol is not None:
+            mean = max(d.mean() for d in diffs)
+            share = max(share, mean / mean_atol)
+            text += f"; mean {mean:.2e} of {mean_atol:g}"
+        MOVES[name] = share
+        print(f"conditioning {name}: 1e-6 relative weight noise moves the output by {text} (max share {share:.3f})")
+    assert MOVES[name] < 0.1, (f"{name} is ill-conditioned: 1e-6 relative weight noise moves the compared output "
+                               f"by {MOVES[name]:.2f} of its tolerance (must stay under 0.1)")
     return MOVES[name]
