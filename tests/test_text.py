@@ -15,6 +15,8 @@ from dreambooth_min.checkpoint import (convert_open_clip, match_text_prefix, tex
                                        text_config_from_state_dict)
 from dreambooth_min.text import TOKENIZER_DIR, encode_prompt, load_tokenizer, tokenize
 
+from conditioning import assert_well_conditioned
+
 PROMPTS = ["a photo of sks dog", "A PHOTO OF SKS DOG in Paris!!! It's 3.14 o'clock, (masterpiece:1.2)",
            "café naïve Zürich 東京 🐶 — ok?", "“curly quotes” &amp; ＦＵＬＬ width ﬁne", "  spaces\tand\nnewlines  ", ""]
 LONG = "a very detailed photograph of a dog, " * 20  # > 75 tokens
@@ -119,7 +121,7 @@ def test_sd1_round_trip():
         ctx = encode_prompt(tok, model, PROMPTS[:3])
         expected = ref(input_ids=tokenize(tok, PROMPTS[:3])).last_hidden_state
     assert ctx.shape == (3, 77, 32)
-    assert (ctx - expected).abs().max() <= 1e-5  # same weights, same code
+    assert torch.equal(ctx, expected)  # same weights, same code: bit for bit (no tolerance to condition)
 
 
 def test_config_helpers():
@@ -191,10 +193,12 @@ def test_sd2_open_clip_conversion_matches_penultimate():
     model = CLIPTextModel(cfg).eval()
     model.load_state_dict(match_text_prefix(converted, model), strict=True)
     tok = load_tokenizer("sd2")
+    ids = tokenize(tok, PROMPTS)
+    # 1e-6 relative weight noise moves these states (up to ~3) by 1e-5: a tenth of the tolerance is above that
+    assert_well_conditioned("tiny OpenCLIP text tower, penultimate layer", lambda: ref.penultimate(ids), [ref], 1e-3)
     with torch.no_grad():
-        ids = tokenize(tok, PROMPTS)
         diff = (encode_prompt(tok, model, PROMPTS) - ref.penultimate(ids)).abs().max()
-    assert diff <= 1e-4, diff
+    assert diff <= 1e-3, diff
 
 
 def test_open_clip_unexpected_key():
