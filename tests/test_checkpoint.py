@@ -27,7 +27,8 @@ def maxdiff(a, b):
 
 def _inputs(pipe):
     g = torch.Generator().manual_seed(0)
-    x, ctx = torch.randn(2, 4, 16, 24, generator=g), torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    x = torch.randn(2, 4, 16, 24, generator=g)
+    ctx = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=g)
     img, z = torch.rand(1, 3, 64, 96, generator=g) * 2 - 1, torch.randn(1, 4, 8, 12, generator=g)
     ids = pipe.tokenizer(["a photo of sks dog", "a red cube on a table"], padding="max_length", max_length=77,
                          return_tensors="pt").input_ids

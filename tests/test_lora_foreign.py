@@ -23,6 +23,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from test_sampling import PROMPT, _assert_same_pixels, _reference_images  # noqa: E402
+from conditioning import assert_well_conditioned  # noqa: E402
 from tiny import SD1_UNET, SD2_UNET, make_pipeline, save_folder  # noqa: E402
 
 LOCON = UNET_TARGETS + ("proj_in", "proj_out", "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv",
@@ -193,9 +194,14 @@ def test_old_diffusers_form_and_kohya_variants(sd1, tmp_path):
     ref.load_lora_weights(str(tmp_path), weight_name="old.safetensors")
     unet, text = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
     apply_lora(unet, text, old)
-    x, c, ids = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 32), torch.randint(3, 1000, (1, 7))
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, 32, generator=g)
+    ids = torch.randint(3, 1000, (1, 7), generator=g)
+    # 1e-6 relative weight noise moves the UNet output by 1.7e-5, the text states by 4e-6: tolerances 10x above
+    assert_well_conditioned("old-form LoRA in diffusers' UNet and text encoder", lambda: [
+        ref.unet(x, 10, c).sample, ref.text_encoder(ids).last_hidden_state], [ref.unet, ref.text_encoder], [1e-3, 1e-4])
     with torch.no_grad():
-        assert (unet(x, 10, c).sample - ref.unet(x, 10, c).sample).abs().max() <= 1e-4
+        assert (unet(x, 10, c).sample - ref.unet(x, 10, c).sample).abs().max() <= 1e-3
         assert (text(ids).last_hidden_state - ref.text_encoder(ids).last_hidden_state).abs().max() <= 1e-4
 
     locon, _ = load_lora(sd1["locon"])
