@@ -272,11 +272,10 @@ def _check_family(groups, tables, metadata=None, unet=None):
         ours = next((m.weight.shape[1] for key, (path, m) in tables.get(part, {}).items()
                      if key == path and re.search(model_pattern, path)), None)
         if theirs is not None and ours is not None and theirs != ours:
-            families = (file_family(metadata, theirs if what == "text" else None), model_family(unet))
-            if all(families) and families[0] != families[1]:
-                raise UserError(f"this LoRA was made for {families[0]}, and this model is {families[1]}: use an "
-                                f"{families[1]} LoRA, or the {families[0]} model it was trained on")
-            raise UserError(f"this LoRA was made for another model family: its {layers} expect "
+            file, model = file_family(metadata, theirs if what == "text" else None), model_family(unet)
+            which = f", {file}, and this model is {model} (use an {model} LoRA, or the {file} model)" \
+                if file and model and file != model else ""
+            raise UserError(f"this LoRA was made for another model family{which}: its {layers} expect "
                             f"{_width(theirs, what)} and do not fit this model's {_width(ours, what)}")
 
 
