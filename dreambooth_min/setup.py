@@ -137,8 +137,8 @@ def plan(cfg, setup, n_images, class_dir, default_model=False):
 
 
 def plural(n, noun):
-    """'1 epoch', '2 epochs', '0.5 epochs'."""
-    return f"{n:g} {noun}{'s' * (n != 1)}"
+    """'1 epoch', '2 epochs', '0.5 epochs', '1500 steps'."""
+    return (f"{n:g}" if isinstance(n, float) else f"{n}") + f" {noun}{'s' * (n != 1)}"
 
 
 def time_lines(cfg, setup, to_draw, steps, epochs):

@@ -81,6 +81,13 @@ def test_the_plan_says_a_tiny_model_is_random_and_counts_in_words(tmp_path, monk
         "warning: weights/tiny-sd1 is a tiny random model (python -m dreambooth_min.make_tiny): its pictures are noise"
 
 
+def test_counts_are_singular_or_plural():
+    from dreambooth_min.setup import plural
+
+    assert [plural(n, "epoch") for n in (1, 1.0, 2, 0.5, 1500000)] == \
+        ["1 epoch", "1 epoch", "2 epochs", "0.5 epochs", "1500000 epochs"]
+
+
 def test_only_make_tiny_marks_its_models(tiny_sd1):
     assert checkpoint.load(tiny_sd1["folder"]).random_note == ""
     assert checkpoint.load(tiny_sd1["single"]).random_note == ""
