@@ -16,6 +16,7 @@ import torch
 import dreambooth_min
 from dreambooth_min.errors import UserError
 from dreambooth_min.lora_file import apply_lora, load_lora, lora_label, parse_lora_arg
+from dreambooth_min.safetensors_io import check_writable
 from dreambooth_min.sampling import check_size, generate, image_grid, parameters_text, save_png
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -62,6 +63,8 @@ def run(args):
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise UserError(f"--out must be a .png file, not {out}")
+    for path in [out] + [numbered(out, i) for i in range(args.num_images)] * (args.num_images > 1):
+        check_writable(path, "--out")  # before the model is loaded and the images drawn
     if args.height is not None or args.width is not None:  # fail before spending time loading the model
         check_size(8 if args.height is None else args.height, 8 if args.width is None else args.width)
     if args.num_images < 1 or args.batch_size < 1 or args.steps < 1:
@@ -77,6 +80,8 @@ def run(args):
     model_path = args.model or dreambooth_min.find_default_model()
     sd = dreambooth_min.load(model_path, dtype=dtype, device=device, prediction_type=args.prediction_type,
                              revision=args.revision)
+    if sd.random_note:
+        print(f"warning: {model_path} is {sd.random_note}", file=sys.stderr)
     for path, scale in loras:  # merged one after another: W + sum_i scale_i (alpha_i / r_i) B_i A_i
         tensors, metadata = load_lora(path)
         apply_lora(sd.unet, sd.text_encoder, tensors, scale=scale, metadata=metadata)

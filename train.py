@@ -12,6 +12,7 @@ import sys
 
 from dreambooth_min.cli import add_options, run_command, settings_from_args
 from dreambooth_min.config import TrainConfig, config_from_json
+from dreambooth_min.run_folder import RunFolder
 from dreambooth_min.training import train
 
 
@@ -36,7 +37,7 @@ def main(argv=None):
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop saves like Ctrl-C
     if args.resume:
-        cfg = config_from_json(f"{args.resume}/config.json")
+        cfg = config_from_json(RunFolder.config_file(args.resume))
         cfg.output, cfg.device = args.resume, getattr(args, "device", "") or cfg.device
         cfg.gradient_checkpointing = cfg.gradient_checkpointing or args.gradient_checkpointing
     else:

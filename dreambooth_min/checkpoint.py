@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .model import StableDiffusion
+from .model import RANDOM_NOTE, StableDiffusion
 from .safetensors_io import PICKLE_HINT, SafetensorsFile
 from .text import load_tokenizer
 from .unet import UNet2DConditionModel, UNetConfig
@@ -456,6 +456,7 @@ def load(path, dtype=torch.float32, device="cpu", prediction_type=None, revision
             raise UserError(f"{path} is a folder but not a diffusers model folder (no model_index.json); "
                             "pass a .safetensors file or a diffusers folder")
         parts = _load_folder(path, dtype, device)
+        parts["random_note"] = str(_read_json(path / "model_index.json").get(RANDOM_NOTE, ""))
     elif path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
         raise UserError(f"{path}: {PICKLE_HINT}")
     else:

@@ -73,8 +73,8 @@ def run_command(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # its message, if any, says what was kept and how to go on
+        print("interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError, OSError) as e:
         # The last net for a failure no code path turned into a sentence: still one line, not a traceback.

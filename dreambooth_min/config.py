@@ -160,8 +160,29 @@ def config_from_json(path):
     """The TrainConfig saved in a run's config.json (for --resume); fields it lacks keep their defaults."""
     try:
         saved = json.loads(Path(path).read_text())["config"]
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"cannot read the run's configuration {path}: {e}") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"the run's configuration {path} is damaged: its \"config\" is not an object")
     saved.setdefault("lr_schedule", saved.pop("lr_scheduler", "constant"))  # the name before 0.2
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names})
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}
+    for name, value in values.items():
+        kind = fields[name] if isinstance(fields[name], str) else fields[name].__name__
+        if not _has_type(value, kind):
+            raise UserError(f"the run's configuration {path} is damaged: {name} must be {TYPE_NAMES[kind]}, "
+                            f"not {value!r}")
+    return TrainConfig(**values)
+
+
+TYPE_NAMES = {"str": "text", "int": "a whole number", "float": "a number", "bool": "true or false",
+              "tuple": "a list of names"}
+
+
+def _has_type(value, kind):
+    """Whether a config.json value has its field's declared type (JSON gives a whole-numbered float as an int)."""
+    if kind == "tuple":
+        return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    if kind == "bool" or isinstance(value, bool):
+        return kind == "bool" and isinstance(value, bool)
+    return isinstance(value, {"str": str, "int": int, "float": (int, float)}[kind])

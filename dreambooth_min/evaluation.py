@@ -23,6 +23,7 @@ models come from transformers' `from_pretrained` (Hub id or local folder; downlo
 cache, which honours HF_ENDPOINT and HF_HUB_OFFLINE); images are preprocessed here in torch (short side
 resized, centre crop, the model's mean / std) so that torchvision is not needed.
 """
+import contextlib
 import json
 import math
 import os
@@ -296,6 +297,22 @@ def _ready(model, device):
     return model
 
 
+@contextlib.contextmanager
+def quiet_hub():
+    """huggingface_hub logs every retry of a Hub it cannot reach as a warning line on stderr; a failure to
+    load becomes our own one `error:` line, so its warnings are silenced while the evaluators load. (Its
+    first import sets its log level: so it is imported before the level is changed.)"""
+    from huggingface_hub.utils import logging as hub_logging
+
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity(hub_logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(level)
+
+
+@quiet_hub()
 def load_evaluators(clip_model=CLIP_MODEL, dino_model=DINO_MODEL, device=None, batch_size=32, progress=True):
     """CLIP (image + text towers) and DINO ViT by Hub id or local folder, in fp32 on `device`."""
     from transformers import AutoModel, AutoTokenizer, CLIPModel, ViTModel

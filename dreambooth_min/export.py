@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .errors import UserError
+from .model import RANDOM_NOTE
 from .safetensors_io import save_atomic
 from .text import PAD_TOKEN, TOKENIZER_DIR
 
@@ -74,10 +75,10 @@ def _write_tokenizer(folder, version):
     _write_json(folder / "special_tokens_map.json", special)
 
 
-def _write_into(tmp, unet, vae, text_encoder, version, prediction_type, sample_size):
+def _write_into(tmp, unet, vae, text_encoder, version, prediction_type, sample_size, note):
     for sub in ("unet", "vae", "scheduler"):
         (tmp / sub).mkdir()
-    _write_json(tmp / "model_index.json", MODEL_INDEX)
+    _write_json(tmp / "model_index.json", MODEL_INDEX | ({RANDOM_NOTE: note} if note else {}))
     _write_json(tmp / "unet" / "config.json", unet_config_json(unet.config, sample_size))
     save_atomic({k: v.detach().cpu() for k, v in unet.state_dict().items()},
                 tmp / "unet" / "diffusion_pytorch_model.safetensors")
@@ -89,13 +90,14 @@ def _write_into(tmp, unet, vae, text_encoder, version, prediction_type, sample_s
     _write_json(tmp / "scheduler" / "scheduler_config.json", dict(SCHEDULER, prediction_type=prediction_type))
 
 
-def save_diffusers_folder(path, unet, vae, text_encoder, version, prediction_type, sample_size=None):
+def save_diffusers_folder(path, unet, vae, text_encoder, version, prediction_type, sample_size=None, note=None):
     """Save our UNet and VAE and a transformers CLIPTextModel as a diffusers Stable Diffusion folder.
 
     `version` "sd1" | "sd2" picks the tokenizer's pad token (SD 2.x pads with "!", id 0);
     `prediction_type` "epsilon" | "v_prediction" goes into the scheduler config, where `load()` reads it.
     `sample_size` is the latent side diffusers uses as its default image size / 8 (64, or 96 for SD 2.x
-    v-models). An existing diffusers folder (or empty folder) at `path` is replaced; anything else is refused.
+    v-models). `note` marks a model of random weights (make_tiny): load() reads it into `sd.random_note`,
+    and the commands say it. An existing diffusers folder (or empty folder) at `path` is replaced; anything else is refused.
     """
     if version not in PAD_TOKEN:
         raise UserError(f"version must be one of {', '.join(PAD_TOKEN)}, not {version!r}")
@@ -109,7 +111,7 @@ def save_diffusers_folder(path, unet, vae, text_encoder, version, prediction_typ
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        _write_into(tmp, unet, vae, text_encoder, version, prediction_type, sample_size)
+        _write_into(tmp, unet, vae, text_encoder, version, prediction_type, sample_size, note)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes the folder private; give the usual permissions
         if path.exists():  # a folder cannot be replaced in one rename: move the old one aside first
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))

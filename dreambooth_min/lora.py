@@ -145,6 +145,17 @@ def _matches(name, targets):
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def unknown_targets(model, targets):
+    """The targets that name no Linear or Conv2d layer of `model`, each with a near layer-name suffix (or
+    None): a typo in one of several targets would otherwise train fewer layers without a word."""
+    import difflib
+
+    layers = [n for n, m in model.named_modules() if n and isinstance(m, (nn.Linear, nn.Conv2d))]
+    suffixes = sorted({".".join(n.split(".")[-k:]) for n in layers for k in (1, 2, 3)})
+    return [(t, next(iter(difflib.get_close_matches(t, suffixes, 1)), None)) for t in targets
+            if not any(_matches(n, (t,)) for n in layers)]
+
+
 def inject_lora(model, targets, rank=4, alpha=None, conv_rank=None, conv_alpha=None):
     """Replace every submodule whose dotted path ends with one of `targets` by a LoRA wrapper.
 

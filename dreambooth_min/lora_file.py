@@ -226,6 +226,34 @@ def _module_table(model, part):
 
 WIDTH_FAMILIES = {"text": {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"},
                   "hidden states": {768: "SD 1.x", 1024: "SD 2.x"}}
+# What a file's metadata says its base model is: ours (ss_sd_version), kohya's (ss_base_model_version, ss_v2)
+# and the ModelSpec architecture that kohya and others write.
+METADATA_FAMILIES = (("ss_sd_version", {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}),
+                     ("ss_base_model_version", {"sd_v1": "SD 1.x", "sd_v2": "SD 2.x", "sd_v2_768_v": "SD 2.x",
+                                                "sdxl_base_v1-0": "SDXL", "sdxl_base_v0-9": "SDXL"}),
+                     ("modelspec.architecture", {"stable-diffusion-v1": "SD 1.x", "stable-diffusion-v2": "SD 2.x",
+                                                 "stable-diffusion-xl": "SDXL"}),
+                     ("ss_v2", {"False": "SD 1.x", "True": "SD 2.x"}))
+
+
+def file_family(metadata, width=None):
+    """"SD 1.x" / "SD 2.x" / "SDXL" as the LoRA file's metadata says, else from its cross-attention text width."""
+    for key, families in METADATA_FAMILIES:
+        value = (metadata or {}).get(key, "")
+        found = next((f for prefix, f in families.items() if value == prefix or value.startswith(prefix + "-")
+                      or value.startswith(prefix + "/")), None)
+        if found:
+            return found
+    return WIDTH_FAMILIES["text"].get(width)
+
+
+def model_family(unet):
+    """The UNet's family: SDXL reads 2048-wide text; SD 2.x has linear transformer projections, SD 1.x 1x1 convs."""
+    cfg = getattr(unet, "config", None)
+    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    if get("cross_attention_dim") == 2048:
+        return "SDXL"
+    return None if cfg is None else "SD 2.x" if get("use_linear_projection") else "SD 1.x"
 
 
 def _width(w, what):
@@ -233,8 +261,8 @@ def _width(w, what):
     return f"{w}-wide {what}" + (f" ({family})" if family else "")
 
 
-def _check_family(groups, tables):
-    """A LoRA for another model family reads text of another width: say so in one line (before the
+def _check_family(groups, tables, metadata=None, unet=None):
+    """A LoRA for another model family reads text of another width: name both families in one line (before the
     less telling 'matches nothing' / 'does not fit')."""
     checks = (("unet", r"attn2[._]to_k$", r"attn2\.to_k$", "cross-attention layers", "text"),
               ("te", r"self_attn[._]q_proj$", r"self_attn\.q_proj$", "text-encoder layers", "hidden states"))
@@ -244,7 +272,10 @@ def _check_family(groups, tables):
         ours = next((m.weight.shape[1] for key, (path, m) in tables.get(part, {}).items()
                      if key == path and re.search(model_pattern, path)), None)
         if theirs is not None and ours is not None and theirs != ours:
-            raise UserError(f"this LoRA was made for another model family: its {layers} expect "
+            file, model = file_family(metadata, theirs if what == "text" else None), model_family(unet)
+            which = f", {file}, and this model is {model} (use an {model} LoRA, or the {file} model)" \
+                if file and model and file != model else ""
+            raise UserError(f"this LoRA was made for another model family{which}: its {layers} expect "
                             f"{_width(theirs, what)} and do not fit this model's {_width(ours, what)}")
 
 
@@ -335,7 +366,7 @@ def apply_lora(unet, text_encoder, tensors, scale=1.0, merge=True, metadata=None
         tables["te"] = _module_table(text_encoder, "te")
     models = {"unet": unet, "te": text_encoder}
     groups = _group(tensors)
-    _check_family(groups, tables)
+    _check_family(groups, tables, metadata, unet)
     missing = [f"{part}:{key}" for part, key in groups if key not in tables.get(part, {})]
     incomplete = [key for (part, key), g in groups.items() if not {"down", "up"} <= g.keys()]
     if missing:
@@ -382,6 +413,8 @@ def parse_lora_arg(text, default_scale=1.0):
         scale = float(tail) if sep and path else None
     except ValueError:
         scale = None
+        if path.lower().endswith(".safetensors") and not Path(text).is_file():
+            raise UserError(f"--lora {text}: bad strength {tail!r}: give a number, e.g. {path}:0.8") from None
     if scale is None:
         path, scale = text, float(default_scale)
     if not math.isfinite(scale):

@@ -29,6 +29,7 @@ TEXT = {"sd1": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, 
 TEXT["sd2"] = dict(TEXT["sd1"], hidden_size=64, num_attention_heads=1, intermediate_size=96, hidden_act="gelu",
                    pad_token_id=0)
 PREDICTION = {"sd1": "epsilon", "sd2": "v_prediction"}
+NOTE = "a tiny random model (python -m dreambooth_min.make_tiny): its pictures are noise"
 
 
 @torch.no_grad()
@@ -61,7 +62,7 @@ def build_tiny(version="sd1", seed=0):
 def make_tiny(path, version="sd1", seed=0):
     """Write the tiny model as a diffusers folder at `path`; returns the path."""
     unet, vae, text = build_tiny(version, seed)
-    return save_diffusers_folder(path, unet, vae, text, version, PREDICTION[version], sample_size=8)
+    return save_diffusers_folder(path, unet, vae, text, version, PREDICTION[version], sample_size=8, note=NOTE)
 
 
 def main(argv=None):

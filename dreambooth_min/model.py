@@ -5,6 +5,9 @@ import torch
 
 from .text import encode_prompt
 
+# model_index.json's key that marks random weights (make_tiny); diffusers ignores keys that start with '_'.
+RANDOM_NOTE = "_dreambooth_min_random_weights"
+
 
 @dataclass
 class StableDiffusion:
@@ -17,6 +20,7 @@ class StableDiffusion:
     scheduler_config: dict = field(default_factory=dict)  # a diffusers folder's scheduler config, else {}
     name: str = "model"  # file or folder name (or Hub repo id), recorded in images and LoRA files
     source: dict = field(default_factory=dict)  # {"path"}, or {"repo_id", "revision", "file"} for a Hub model
+    random_note: str = ""  # what a model of random weights is (make_tiny marks its folders), else ""
 
     def encode_prompt(self, prompts):
         """Text context [B, 77, C] for a list of prompts (the UNet's cross-attention input)."""

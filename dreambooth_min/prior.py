@@ -76,12 +76,19 @@ def _draw(sd, paths, missing, prompt, resolution, steps, guidance, seed, batch_s
             runs[-1].append(i)
         else:
             runs.append([i])
-    for run in runs:
-        images = generate(sd, prompt, negative_prompt, num_images=len(run), steps=steps, guidance=guidance,
-                          seed=seed + run[0], height=resolution, width=resolution, progress=False,
-                          batch_size=batch_size)
-        for i, image in zip(run, images):
-            save_png(image, paths[i], parameters_text(prompt, negative_prompt, steps, guidance, seed + i,
-                                                      resolution, resolution, sd.name, 0.0))
-            bar.update(1)
+    try:
+        for run in runs:
+            images = generate(sd, prompt, negative_prompt, num_images=len(run), steps=steps, guidance=guidance,
+                              seed=seed + run[0], height=resolution, width=resolution, progress=False,
+                              batch_size=batch_size)
+            for i, image in zip(run, images):
+                save_png(image, paths[i], parameters_text(prompt, negative_prompt, steps, guidance, seed + i,
+                                                          resolution, resolution, sd.name, 0.0))
+                bar.update(1)
+    except KeyboardInterrupt:
+        bar.close()  # ends the bar's line, so that what follows has a line of its own
+        kept = sum(p.exists() for p in paths)
+        kept = f": the {kept} class images drawn so far (in {paths[0].parent}) are reused" if kept > 1 else \
+            f": the class image drawn so far ({paths[0].parent}) is reused" if kept else ""
+        raise KeyboardInterrupt(f"run the same command again{kept}") from None
     bar.close()

@@ -44,6 +44,17 @@ class RunFolder:
                 stale.unlink(missing_ok=True)
         return run
 
+    @staticmethod
+    def config_file(folder):
+        """RUN/config.json of a run to resume, or one line saying why `folder` is not a run folder."""
+        config = Path(folder) / "config.json"
+        if not Path(folder).is_dir():
+            raise UserError(f"--resume {folder}: no such run folder (runs are in runs/<timestamp>/ or --output)")
+        if not config.is_file():
+            raise UserError(f"--resume {folder}: not a run folder (it has no config.json); give the folder that "
+                            "train.py made, e.g. runs/20261125-101500")
+        return config
+
     def create(self):
         try:
             self.samples.mkdir(parents=True, exist_ok=True)

@@ -113,6 +113,20 @@ def writing(path):
         raise UserError(f"could not write {path}: {e.strerror or e}") from None
 
 
+def check_writable(path, what, folder=False):
+    """Raise one UserError line, before any slow work, when `what` cannot be written at `path` (a file, or a
+    folder when `folder`): a part of the path is a file, it is the wrong kind, or the place is not writable."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents, *path.absolute().parents) if p.exists())
+    if existing != path and not existing.is_dir():
+        raise UserError(f"cannot write {what} {path}: {existing} is a file, not a folder")
+    if existing == path and path.is_dir() != folder:
+        raise UserError(f"cannot write {what} {path}: it is {'a file' if folder else 'a folder'}")
+    place = existing if existing.is_dir() else existing.parent  # a file is replaced by a rename in its folder
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {what} {path}: {place} is not writable")
+
+
 def fsync_path(path):
     """Flush a file's or a folder's data to the disk (a rename is durable only once its folder is)."""
     fd = os.open(path, os.O_RDONLY)

@@ -29,10 +29,13 @@ def prepare(cfg, resume, log):
     run = RunFolder(dist.from_main(RunFolder.choose(cfg.output, resume).path))  # one default name for all
     if resume:
         dist.check_resume(run.path / "config.json")
+    check_class_dir(cfg)
+    default_model = not cfg.model
     cfg.model = str(cfg.model or find_default_model())
     prompt, class_prompt, validation_prompt = cfg.resolved_prompts()
     sd = load(cfg.model, dtype=hardware.dtype, device=hardware.device, prediction_type=cfg.prediction_type or None,
               revision=cfg.revision or None, log=log)
+    check_lora_targets(cfg, sd)
     if sd.source.get("revision"):  # pin a Hub model's commit, so that --resume loads the same weights
         cfg.revision = sd.source["revision"]
     res = cfg.resolution or sd.default_resolution
@@ -42,7 +45,7 @@ def prepare(cfg, resume, log):
     class_dir = Path(cfg.class_dir) if cfg.class_dir else default_class_dir(sd.name, class_prompt, res)
     setup = Setup(sd, hardware, run, res, prompt, class_prompt, validation_prompt, captions, None)
     if not resume:
-        log(plan(cfg, setup, len(images), class_dir))
+        log(plan(cfg, setup, len(images), class_dir, default_model))
     if dist.is_main():  # rank 0 alone writes the run folder
         run.create()
     try:
@@ -56,6 +59,31 @@ def prepare(cfg, resume, log):
             run.remove_if_empty_start()
         raise
     return setup
+
+
+def check_class_dir(cfg):
+    """A --class-dir that cannot hold the class images stops here, before the model is loaded."""
+    from .prior import class_image_paths
+    from .safetensors_io import check_writable
+
+    if not cfg.use_prior or cfg.class_dir and all(p.exists() for p in class_image_paths(cfg.class_dir,
+                                                                                        cfg.num_class_images)):
+        return  # a full set is only read
+    check_writable(cfg.class_dir or "class_images", "--class-dir" if cfg.class_dir else "the class images in",
+                   folder=True)
+
+
+def check_lora_targets(cfg, sd):
+    """Every --lora-targets entry names layers of this UNet (checked before the plan and the run folder)."""
+    from .config import SettingError
+    from .lora import unknown_targets
+
+    unknown = unknown_targets(sd.unet, cfg.lora_targets)
+    if unknown:
+        names = ", ".join(f"{t!r}" + (f" (did you mean {near!r}?)" if near else "") for t, near in unknown)
+        raise SettingError("lora_targets", f"{names} name{'s' * (len(unknown) == 1)} no Linear or Conv2d layer of "
+                                           "this UNet (a target is the end of layer names, e.g. to_q, to_out.0, "
+                                           "proj_in, ff.net.2, conv1)")
 
 
 def latents(cfg, setup, images, class_dir):
@@ -78,28 +106,54 @@ def latents(cfg, setup, images, class_dir):
     return LatentCache(sd.vae, images, flip=cfg.flip), class_latents
 
 
-def plan(cfg, setup, n_images, class_dir):
+def plan(cfg, setup, n_images, class_dir, default_model=False):
     """The few lines train.py prints before any slow work: what will be learnt, from what, how long."""
     from .prior import class_image_paths
 
     sd, hw = setup.sd, setup.hardware
     micro, steps = dist.schedule_length(cfg, n_images)
+    epochs = steps * cfg.grad_accum / micro
     have = sum(p.exists() for p in class_image_paths(class_dir, cfg.num_class_images)) if cfg.use_prior else 0
     prior = (f"{cfg.num_class_images} of {setup.class_prompt!r} in {class_dir} ({have} cached, "
              f"{cfg.num_class_images - have} to draw with {cfg.class_steps} DDIM steps each)"
              if cfg.use_prior else "none (--no-prior)")
     noun = " (person is the default class noun: give --class-noun dog/girl/backpack/... for your subject)" \
         if cfg.class_noun == "person" and "{class_noun}" in cfg.prompt else ""
-    lines = [f"model       {cfg.model} ({sd.version}, {sd.prediction_type})",
+    random = f": {sd.random_note}" + (" (the one model in weights/; --model chooses another)" * default_model) \
+        if sd.random_note else ""
+    lines = [f"model       {cfg.model} ({sd.version}, {sd.prediction_type}){random}",
              f"photos      {n_images} from {cfg.images}, {setup.resolution} px, flips {'on' if cfg.flip else 'off'}",
              f"learns      {setup.prompt!r}{noun}",
              f"prior       {prior}",
-             f"validation  {setup.validation_prompt!r}" + (f" every {cfg.validate_every} epochs"
+             f"validation  {setup.validation_prompt!r}" + (f" every {plural(cfg.validate_every, 'epoch')}"
                                                           if cfg.validate_every else " off"),
-             f"training    {steps} step{'s' * (steps != 1)} ({steps * cfg.grad_accum / micro:g} epochs), LoRA rank {cfg.rank} on "
+             f"training    {plural(steps, 'step')} ({plural(epochs, 'epoch')}), LoRA rank {cfg.rank} on "
              f"{','.join(cfg.lora_targets)}{' + text encoder' if cfg.train_text_encoder else ''}",
              f"hardware    {hw.device}, {hw.precision}" + (f", {dist.world_size()} processes (torchrun) of "
                                                          f"batch {cfg.batch_size} each" if dist.world_size() > 1 else ""),
              f"output      {setup.run.path}"]
-    return "\n".join(lines)
+    return "\n".join(lines + time_lines(cfg, setup, cfg.num_class_images - have if cfg.use_prior else 0, steps,
+                                        epochs))
 
+
+def plural(n, noun):
+    """'1 epoch', '2 epochs', '0.5 epochs', '1500 steps'."""
+    return (f"{n:g}" if isinstance(n, float) else f"{n}") + f" {noun}{'s' * (n != 1)}"
+
+
+def time_lines(cfg, setup, to_draw, steps, epochs):
+    """The plan's time estimate (estimate.py), and a warning when a full-size model is to train on the CPU."""
+    from .estimate import duration, estimate, is_full_size, seconds_per_latent
+
+    per_latent = seconds_per_latent(setup.sd, setup.hardware, setup.resolution)
+    validations = sum(cfg.is_validation_epoch(e) for e in range(int(epochs) + 1)) if cfg.validate_every or \
+        cfg.eval_every else 0
+    class_images, step, validation = estimate(cfg, per_latent, to_draw, validations)
+    training = steps * step + validation
+    lines = [f"time        about {duration(class_images) + ' for the class images, ' if to_draw else ''}"
+             f"{duration(training)} for the training{' and validation' * bool(validations)} (rough: from one "
+             f"timed UNet pass; the progress bars show the real rate)"]
+    if setup.hardware.device_type == "cpu" and is_full_size(setup.sd.unet):
+        lines.append(f"warning: a full-size model trains on the CPU, about {duration(step)} a "
+                     "step: use a GPU, or try the commands first on a tiny model (python -m dreambooth_min.make_tiny)")
+    return lines

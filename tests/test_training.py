@@ -195,7 +195,7 @@ def test_bad_inputs(tiny_sd1, tmp_path):
         train(config(tmp_path, tiny_sd1["single"], output=str(tmp_path / "afile" / "run")))
     with pytest.raises(UserError, match="device must be cuda, cuda:N or cpu"):
         train(config(tmp_path, tiny_sd1["single"], device="tpu"))
-    with pytest.raises(UserError, match="match no module"):
+    with pytest.raises(UserError, match="names no Linear or Conv2d layer"):
         train(config(tmp_path, tiny_sd1["single"], lora_targets=("no_such_layer",), prior_weight=0.0))
 
 
