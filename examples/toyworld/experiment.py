@@ -179,11 +179,14 @@ def run_seed(s, seed, out, model_path, prototypes):
 
 
 def estimate_minutes(s, pretraining):
-    """Rough wall minutes on 2 cores, scaled from the phases of the default run (docs/toyworld/results.json)."""
-    pre = (0.5 * s.vae_steps + 0.1 * s.decoder_steps + 0.08 * s.unet_steps) if pretraining else 0.0
-    per_case = 0.13 * s.db_steps + 2 * s.samples * s.sample_steps * len(PROMPTS) / 6400
-    per_seed = 0.2 * s.class_images * s.sample_steps / 25 + len(s.cases) * per_case + 12
-    return pre / 60, s.seeds * per_seed / 60
+    """(pretraining, all seeds) in rough wall minutes on 2 cores: seconds per step of each phase of the
+    default run on 2 busy cores (docs/toyworld/results.json), times the steps asked for."""
+    pre = 0.18 * s.vae_steps + 0.15 * s.decoder_steps + 0.17 * s.unet_steps if pretraining else 0.0
+    cases = models(s.cases)
+    sampling = len(cases) * (0.0021 * s.samples * s.sample_steps * len(PROMPTS) + 1)
+    training = sum((0.16 if c.prior else 0.13) * s.db_steps + 8 for c in cases[1:])
+    class_images = 0.2 * s.class_images * s.sample_steps / 25 if any(c.prior for c in cases) else 0.0
+    return pre / 60, s.seeds * (sampling + training + class_images + 3) / 60
 
 
 def run(s, out, model_path=None):
