@@ -105,8 +105,9 @@ def calibrate(world_images, world_colours, subject_images):
 
 def nearest(image, prototypes, margin=0.0):
     """Name of the prototype nearest to the shape's mean colour ("none" without a shape). "subject" only
-    when it is nearer than the nearest world colour by `margin` (RGB distance): a pale or half-blended
-    shape, about equally far from both, counts as the world colour."""
+    when it is nearer than the nearest world colour by `margin` (RGB distance); else that world colour.
+    The margin keeps blends of two world colours (orange, pink, purple: the pretrained model draws them
+    for "a circle", which names no colour) from counting as the subject's pink-peach."""
     c = mean_colour(image)
     if c is None:
         return "none"

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from . import world
 from .cases import CLASS_PROMPT, INSTANCE_PROMPT
+from .measure import noise_seed
 
 ROOT = Path(__file__).resolve().parents[2]  # the project: train.py lives here
 
@@ -23,7 +24,7 @@ def class_images(s, seed, model_path, folder):
 
     folder = folder / f"class_images_steps{s.sample_steps}_guidance{s.guidance:g}"
     ensure_class_images(load(model_path), folder, CLASS_PROMPT, s.class_images, world.SIZE, s.sample_steps,
-                        guidance=s.guidance, seed=seed + 5_000)
+                        guidance=s.guidance, seed=noise_seed(seed, 5_000))
     return folder
 
 
