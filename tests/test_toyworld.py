@@ -18,7 +18,7 @@ from examples.toyworld import detect, world  # noqa: E402
 from examples.toyworld.cases import CASES, GOALS, PROMPTS, models  # noqa: E402
 from examples.toyworld.experiment import main, run, tiny_settings  # noqa: E402
 from examples.toyworld.figure import figure  # noqa: E402
-from examples.toyworld.measure import goals_every_seed, summary, table  # noqa: E402
+from examples.toyworld.measure import goals_every_seed, noise_seed, summary, table  # noqa: E402
 
 MODELS = [m.name for m in models()]
 
@@ -91,7 +91,8 @@ def test_tiny_pipeline_end_to_end_then_more_seeds_on_the_same_model(tmp_path):
 
     # A second call with the same --out and two seeds, prior case only: the model is not pretrained again,
     # seed 0's finished run of the same command is reused (hence its numbers are the same), seed 1 is new.
-    model_file, lora0 = tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors", runs / "prior" / "lora.safetensors"
+    model_file = tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+    lora0 = runs / "prior" / "lora.safetensors"
     stamps = _mtime(model_file), _mtime(lora0)
     s = tiny_settings(seeds=2)
     s.cases = ("prior",)
@@ -126,6 +127,10 @@ def test_summary_is_mean_and_range_and_goals_must_hold_on_every_seed():
     every = goals_every_seed(per_seed)
     assert every["prior: drift <= 10%"] is False and every["prior: red kept >= 70%"] is True
     assert per_seed["0"]["goals"]["prior: drift <= 10%"] and not per_seed["1"]["goals"]["prior: drift <= 10%"]
+    # Seeds k and k + 1 share no picture's noise (generate draws picture i from seed + i), nor do the batches
+    # of one seed (samples, colours, class images) while a prompt has at most 1,000 samples.
+    firsts = sorted(noise_seed(k, o) for k in range(3) for o in (1_000, 2_000, 5_000))
+    assert all(b - a >= 1_000 for a, b in zip(firsts, firsts[1:])) and noise_seed(0, 1_000) == 1_000
 
 
 def test_bad_seeds_and_cases_give_one_error_line(tmp_path, capsys):

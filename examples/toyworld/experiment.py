@@ -48,7 +48,7 @@ class Settings:
     samples: int = 64
     sample_steps: int = 25
     guidance: float = 4.0
-    margin: float = 25.0  # detect.nearest: how much nearer than any world colour a shape must be to count as the subject
+    margin: float = 25.0  # detect.nearest: how much nearer than any world colour the subject must be
     detector_images: int = 600
     threads: int = 2
 
