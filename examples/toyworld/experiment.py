@@ -179,8 +179,8 @@ def run_seed(s, seed, out, model_path, prototypes):
 
 
 def estimate_minutes(s, pretraining):
-    """(pretraining, all seeds) in rough wall minutes on 2 cores: seconds per step of each phase of the
-    default run on 2 busy cores (docs/toyworld/results.json), times the steps asked for."""
+    """(pretraining, all seeds) in rough wall minutes on 2 cores: seconds per step of each phase of a
+    default run on 2 quiet cores (pretraining 432 s, then per seed 134 s), times the steps asked for."""
     pre = 0.18 * s.vae_steps + 0.15 * s.decoder_steps + 0.17 * s.unet_steps if pretraining else 0.0
     cases = models(s.cases)
     sampling = len(cases) * (0.0021 * s.samples * s.sample_steps * len(PROMPTS) + 1)
@@ -199,7 +199,7 @@ def run(s, out, model_path=None):
     out, timer, start = Path(out), Timer(), time.time()
     model_path = Path(model_path) if model_path else saved_model(s, out)
     pre, per = estimate_minutes(s, model_path is None)
-    tqdm.write(f"estimate on 2 idle cores: {math.ceil(pre + per)} min ("
+    tqdm.write(f"estimate on 2 quiet cores: {math.ceil(pre + per)} min ("
                + (f"pretraining {pre:.0f} min, " if model_path is None else f"reusing {model_path}, ")
                + f"{s.seeds} seed(s) x {per / s.seeds:.1f} min); busy cores take longer")
     save_subject(s, out)
