@@ -1,10 +1,9 @@
-"""The experiment: world -> pretrained toy model -> DreamBooth through train.py (with and without prior
-preservation) -> the same seeds sampled from every model -> detectors -> results.json and figures.
+"""The experiment: world -> pretrained toy model (once; saved and reused) -> for each seed: DreamBooth
+through train.py for each case (cases.py) -> the same noise sampled from every model -> detectors ->
+results.json (every seed, and mean / min..max over seeds) and figure.png (the first seed).
 """
 import json
-import os
-import subprocess
-import sys
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,16 +12,21 @@ import torch
 from tqdm.auto import tqdm
 
 from . import detect, world
+from .cases import CASES, PROMPTS, goals, models
+from .figure import figure, save_grids
+from .finetune import class_images, load_model, run_train, train_command
+from .measure import goals_every_seed, sample_all, summary, table
 from .model import ModelSizes, pretrain
 
-ROOT = Path(__file__).resolve().parents[2]  # the project: train.py lives here
-INSTANCE_PROMPT, CLASS_PROMPT, RED_PROMPT = "a photo of sks circle", "a photo of a circle", "a photo of a red circle"
-MODELS = ("pretrained", "no_prior", "prior")
+PRETRAIN_FIELDS = ("seed", "world_images", "texture_images", "vae_steps", "decoder_steps", "unet_steps", "batch",
+                   "model")  # what the saved model depends on: another value pretrains again
 
 
 @dataclass
 class Settings:
-    seed: int = 0
+    seed: int = 0  # the world, the subject, pretraining and the detector's calibration
+    seeds: int = 1  # DreamBooth runs, sampling and class images with seeds seed, seed + 1, ...
+    cases: tuple = tuple(c.name for c in CASES)
     world_images: int = 6000
     texture_images: int = 4000
     vae_steps: int = 600
@@ -44,15 +48,16 @@ class Settings:
     samples: int = 64
     sample_steps: int = 25
     guidance: float = 4.0
+    margin: float = 25.0  # detect.nearest: how much nearer than any world colour the subject must be
     detector_images: int = 600
     threads: int = 2
 
 
-def tiny_settings(seed=0):
+def tiny_settings(seed=0, seeds=1):
     """A few seconds per phase: the pipeline goes through, the numbers mean nothing."""
-    return Settings(seed=seed, world_images=96, texture_images=32, vae_steps=8, decoder_steps=2, unet_steps=12,
-                    batch=8, model=ModelSizes(vae_channels=(8, 8, 16), unet_channels=(16, 16), unet_heads=(2, 2),
-                                              text_width=32, groups=4),
+    return Settings(seed=seed, seeds=seeds, world_images=96, texture_images=32, vae_steps=8, decoder_steps=2,
+                    unet_steps=12, batch=8, model=ModelSizes(vae_channels=(8, 8, 16), unet_channels=(16, 16),
+                                                             unet_heads=(2, 2), text_width=32, groups=4),
                     db_steps=4, db_batch=2, rank=2, class_images=4, samples=4, sample_steps=4,
                     detector_images=48, threads=1)
 
@@ -77,16 +82,13 @@ class Timer:
         return Phase()
 
 
-def make_data(s, out):
-    """World, autoencoder textures and subject pictures; the 4 subject pictures go to out/subject/."""
-    images, captions, colours, _ = world.make_world(s.world_images, s.seed)
-    textures = world.make_textures(s.texture_images, s.seed)
-    subject = world.make_subject(s.subject_images, s.seed)
+def save_subject(s, out):
+    """The subject's pictures (drawn from the world seed) into out/subject/, where train.py reads them."""
     folder = out / "subject"
     folder.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(subject):
+    for i, im in enumerate(world.make_subject(s.subject_images, s.seed)):
         im.save(folder / f"{i:02d}.png")
-    return images, captions, colours, textures, subject
+    return folder
 
 
 def detector_check(s, vae):
@@ -101,8 +103,9 @@ def detector_check(s, vae):
     rec = autoencode(vae, test_images + test_subject)
     result = {"rendered": detect.detector_accuracy(test_images, test_colours, test_subject),
               "autoencoded": detect.detector_accuracy(rec[:n], test_colours, rec[n:]),
-              "nearest_rendered": detect.nearest_accuracy(test_images, test_colours, test_subject, prototypes),
-              "nearest_autoencoded": detect.nearest_accuracy(rec[:n], test_colours, rec[n:], prototypes),
+              "nearest_rendered": detect.nearest_accuracy(test_images, test_colours, test_subject, prototypes,
+                                                          s.margin),
+              "nearest_autoencoded": detect.nearest_accuracy(rec[:n], test_colours, rec[n:], prototypes, s.margin),
               "prototypes": prototypes}
     return prototypes, result
 
@@ -124,262 +127,147 @@ def save_model(out, unet, vae, text_encoder):
                                  sample_size=world.SIZE // 2 ** (len(vae.config.block_out_channels) - 1))
 
 
-def class_images(s, model_path, out):
-    """The frozen model's own "a photo of a circle" pictures, drawn with this project's prior.py exactly as
-    train.py would draw them, but with the guidance used for every measurement; train.py reuses them."""
-    from dreambooth_min import load
-    from dreambooth_min.prior import ensure_class_images
-
-    folder = out / "class_images"
-    ensure_class_images(load(model_path), folder, CLASS_PROMPT, s.class_images, world.SIZE, s.sample_steps,
-                        guidance=s.guidance, seed=s.seed + 5_000)
-    return folder
+def pretrain_settings(s):
+    return json.loads(json.dumps({k: v for k, v in asdict(s).items() if k in PRETRAIN_FIELDS}))
 
 
-def train_command(s, model_path, out, name, class_dir=None):
-    """The `python train.py ...` command line of one DreamBooth run (None class_dir: no prior preservation)."""
-    cmd = [sys.executable, str(ROOT / "train.py"), "--images", str(out / "subject"), "--model", str(model_path),
-           "--class-noun", "circle", "--prompt", INSTANCE_PROMPT, "--class-prompt", CLASS_PROMPT,
-           "--resolution", str(world.SIZE), "--rank", str(s.rank), "--lora-targets", s.lora_targets,
-           "--lr", str(s.lr), "--steps", str(s.db_steps), "--batch-size", str(s.db_batch),
-           "--validate-every", "0", "--save-every", "0", "--seed", str(s.seed), "--device", "cpu",
-           "--output", str(out / "runs" / name)]
-    if s.train_text_encoder:
-        cmd.append("--train-text-encoder")
-    if class_dir is None:
-        return cmd + ["--no-prior"]
-    return cmd + ["--prior-weight", str(s.prior_weight), "--num-class-images", str(s.class_images),
-                  "--class-dir", str(class_dir), "--class-steps", str(s.sample_steps)]
-
-
-def run_train(cmd, threads):
-    """Run train.py; its own progress bar shows. Threads as ours; idle OpenMP threads sleep (shared cores)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE",
-               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    done = subprocess.run(cmd, cwd=ROOT, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"train.py failed with exit status {done.returncode}: {' '.join(cmd)}")
-    lora = Path(cmd[cmd.index("--output") + 1]) / "lora.safetensors"
-    if not lora.exists():
-        raise RuntimeError(f"train.py finished without writing {lora}")
-    return lora
-
-
-def load_model(model_path, lora=None):
-    """The saved toy model, with a LoRA merged into it (scale 1) when given."""
-    from dreambooth_min import load
-    from dreambooth_min.lora_file import apply_lora, load_lora
-
-    sd = load(model_path)
-    if lora is not None:
-        apply_lora(sd.unet, sd.text_encoder, load_lora(lora)[0], scale=1.0)
-    return sd
-
-
-def sample_prompts(s, sd, prompts, bar):
-    """{prompt: [PIL images]}: image i of every prompt and every model starts from the same noise (seed + i)."""
-    from dreambooth_min.sampling import generate
-
-    found = {}
-    for prompt in prompts:
-        found[prompt] = generate(sd, prompt, num_images=s.samples, steps=s.sample_steps, guidance=s.guidance,
-                                 seed=s.seed + 1_000, height=world.SIZE, width=world.SIZE, progress=False,
-                                 batch_size=64)
-        bar.update(1)
-    return found
-
-
-def measure(samples, prototypes):
-    """The numbers of one model from its samples (detectors: see detect.py). fidelity, drift and red_kept
-    use the calibrated nearest-colour detector; the *_magenta ones the stricter pixel-hue detector."""
-    subject, circle, red = samples[INSTANCE_PROMPT], samples[CLASS_PROMPT], samples[RED_PROMPT]
-    near = lambda images: [detect.nearest(im, prototypes) for im in images]
-    return {"fidelity": detect.rate(n == "subject" for n in near(subject)),
-            "drift": detect.rate(n == "subject" for n in near(circle)),
-            "red_kept": detect.rate(n == "red" for n in near(red)),
-            "fidelity_magenta_stripes": detect.rate(map(detect.shows_subject, subject)),
-            "drift_magenta": detect.rate(map(detect.subject_sign, circle)),
-            "red_kept_hue": detect.rate(detect.colour(im) == "red" for im in red),
-            "circle_colours": _counts(near(circle))}
-
-
-def _counts(names):
-    found = {}
-    for n in names:
-        found[n] = found.get(n, 0) + 1
-    return dict(sorted(found.items()))
-
-
-def colour_accuracy(s, sd, bar, prototypes):
-    """Pretrained model only: share of "a photo of a {colour} {shape}" samples in that colour."""
-    from dreambooth_min.sampling import generate
-
-    hits, n = 0, max(1, s.samples // 8)
-    for colour in world.COLOURS:
-        for shape in world.SHAPES:
-            images = generate(sd, f"a photo of a {colour} {shape}", num_images=n, steps=s.sample_steps,
-                              guidance=s.guidance, seed=s.seed + 2_000, height=world.SIZE, width=world.SIZE,
-                              progress=False, batch_size=64)
-            hits += sum(detect.nearest(im, prototypes) == colour for im in images)
-        bar.update(1)
-    return hits / (n * len(world.COLOURS) * len(world.SHAPES))
-
-
-def _font(size):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: one bitmap size
-        return ImageFont.load_default()
-
-
-def figure(all_samples, path, per_cell=16, zoom=2):
-    """Rows: the three prompts; columns: the three models; each cell the first `per_cell` samples."""
-    from PIL import Image, ImageDraw
-
-    from dreambooth_min.sampling import image_grid
-
-    titles = {"pretrained": "pretrained", "no_prior": "DreamBooth, no prior", "prior": "DreamBooth + prior"}
-    prompts = (INSTANCE_PROMPT, CLASS_PROMPT, RED_PROMPT)
-    cells = {(m, p): image_grid(all_samples[m][p][:per_cell]) for m in all_samples for p in prompts}
-    w, h = next(iter(cells.values())).size
-    w, h, gap, left, top = w * zoom, h * zoom, 8, 170, 28
-    models = [m for m in MODELS if m in all_samples]
-    canvas = Image.new("RGB", (left + len(models) * (w + gap), top + len(prompts) * (h + gap)), (255, 255, 255))
-    draw, font = ImageDraw.Draw(canvas), _font(14)
-    for j, m in enumerate(models):
-        draw.text((left + j * (w + gap) + 4, 6), titles[m], fill=(0, 0, 0), font=font)
-    for i, p in enumerate(prompts):
-        y = top + i * (h + gap)
-        draw.text((6, y + h // 2 - 8), f'"{p}"', fill=(0, 0, 0), font=_font(12))
-        for j, m in enumerate(models):
-            canvas.paste(cells[(m, p)].resize((w, h), Image.Resampling.NEAREST), (left + j * (w + gap), y))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.quantize(256).save(path, optimize=True)  # a palette keeps the README figure small (< 300 KB)
+def saved_model(s, out):
+    """out/model when an earlier call pretrained it with these settings (out/pretrain.json, written after the
+    model), else None. A model from other settings is an error: pretraining again would replace it."""
+    path, stamp = out / "model", out / "pretrain.json"
+    if not (path / "model_index.json").exists() or not stamp.exists():
+        return None
+    if json.loads(stamp.read_text()) != pretrain_settings(s):
+        raise SystemExit(f"error: {path} was pretrained with other settings ({stamp}); use another --out, or "
+                         f"--model {path} to fine-tune it anyway")
     return path
 
 
-def save_grids(all_samples, folder):
-    """Every sample, one grid per model and prompt: grids/<model>/<prompt>.png."""
-    from dreambooth_min.sampling import image_grid
+def pretrained_model(s, out):
+    """Pretrain and save the toy model (then out/pretrain.json, its settings); returns its folder."""
+    from dreambooth_min.report import write_text_atomic
 
-    for m, by_prompt in all_samples.items():
-        (folder / m).mkdir(parents=True, exist_ok=True)
-        for p, images in by_prompt.items():
-            image_grid(images).save(folder / m / (p.replace(" ", "_") + ".png"))
-
-
-def goals(results):
-    """The issue's targets, each true or false."""
-    return {"prior: drift <= 10%": results["prior"]["drift"] <= 0.10,
-            "prior: red kept >= 70%": results["prior"]["red_kept"] >= 0.70,
-            "no prior: drift >= 50%": results["no_prior"]["drift"] >= 0.50,
-            "no prior: fidelity >= 60%": results["no_prior"]["fidelity"] >= 0.60,
-            "prior: fidelity >= 60%": results["prior"]["fidelity"] >= 0.60}
-
-
-def sample_all(s, model_path, loras, prototypes):
-    """({model: {prompt: images}}, {model: numbers}) for the pretrained model and each LoRA on it."""
-    prompts = (INSTANCE_PROMPT, CLASS_PROMPT, RED_PROMPT)
-    bar = tqdm(total=3 * len(prompts) + len(world.COLOURS), desc="sampling", unit="prompt")
-    samples, results = {}, {}
-    for name in MODELS:
-        sd = load_model(model_path, loras.get(name))
-        samples[name] = sample_prompts(s, sd, prompts, bar)
-        results[name] = measure(samples[name], prototypes)
-        if name == "pretrained":
-            results[name]["colour_accuracy"] = colour_accuracy(s, sd, bar, prototypes)
-    bar.close()
-    return samples, results
-
-
-def pretrained_model(s, out, data):
-    """Pretrain and save the toy model; returns (its folder, its VAE)."""
-    images, captions, _, textures, _ = data
+    images, captions, _, _ = world.make_world(s.world_images, s.seed)
+    textures = world.make_textures(s.texture_images, s.seed)
     steps = (s.vae_steps, s.decoder_steps, s.unet_steps, s.batch)
     unet, vae, text_encoder, _ = pretrain(images, textures, captions, s.model, steps, s.seed)
-    return save_model(out, unet, vae, text_encoder), vae
+    path = save_model(out, unet, vae, text_encoder)
+    write_text_atomic(out / "pretrain.json", json.dumps(pretrain_settings(s), indent=2))
+    return path
+
+
+def run_seed(s, seed, out, model_path, prototypes):
+    """The DreamBooth part with one seed, into out/seed_<seed>/: class images, each case through train.py,
+    samples of every model. Returns (samples, numbers, wall seconds, train.py commands)."""
+    folder, timer, cases = out / f"seed_{seed}", Timer(), models(s.cases)
+    class_dir = None
+    if any(c.prior for c in cases):
+        with timer("class_images"):
+            class_dir = class_images(s, seed, model_path, folder)
+    loras, commands = {}, {}
+    for case in cases[1:]:
+        cmd = train_command(s, seed, model_path, out / "subject", folder / "runs" / case.name, case, class_dir)
+        commands[case.name] = " ".join(cmd[1:])
+        with timer(f"dreambooth_{case.name}"):
+            loras[case.name] = run_train(cmd, s.threads)
+    with timer("sampling"):
+        samples, results = sample_all(s, seed, cases, lambda c: load_model(model_path, loras.get(c.name)),
+                                      prototypes)
+    save_grids(samples, folder / "grids")
+    results["goals"] = goals(results)
+    return samples, results, timer.seconds, commands
+
+
+def estimate_minutes(s, pretraining):
+    """(pretraining, all seeds) in rough wall minutes on 2 cores: seconds per step of each phase of a
+    default run on 2 quiet cores (pretraining 432 s, then per seed 134 s), times the steps asked for."""
+    pre = 0.18 * s.vae_steps + 0.15 * s.decoder_steps + 0.17 * s.unet_steps if pretraining else 0.0
+    cases = models(s.cases)
+    sampling = len(cases) * (0.0021 * s.samples * s.sample_steps * len(PROMPTS) + 1)
+    training = sum((0.16 if c.prior else 0.13) * s.db_steps + 8 for c in cases[1:])
+    class_images = 0.2 * s.class_images * s.sample_steps / 25 if any(c.prior for c in cases) else 0.0
+    return pre / 60, s.seeds * (sampling + training + class_images + 3) / 60
 
 
 def run(s, out, model_path=None):
-    """The whole experiment into folder `out`; returns the results dict (also out/results.json).
-    `model_path`: reuse a toy model saved by an earlier run instead of pretraining one."""
+    """The whole experiment into folder `out`; returns the results dict (also out/results.json, rewritten
+    after each seed). `model_path`: fine-tune this toy model instead of out/model (pretrained when missing)."""
     from dreambooth_min import load
     from dreambooth_min.report import write_text_atomic
 
     torch.set_num_threads(s.threads)
     out, timer, start = Path(out), Timer(), time.time()
-    with timer("world"):
-        data = make_data(s, out)
-    with timer("pretrain"):
-        model_path, vae = pretrained_model(s, out, data) if model_path is None else (Path(model_path), None)
-    vae = vae or load(model_path).vae
-    prototypes, detectors = detector_check(s, vae)
-    with timer("class_images"):
-        class_dir = class_images(s, model_path, out)
-    loras = {}
-    with timer("dreambooth_no_prior"):
-        loras["no_prior"] = run_train(train_command(s, model_path, out, "no_prior"), s.threads)
-    with timer("dreambooth_prior"):
-        loras["prior"] = run_train(train_command(s, model_path, out, "prior", class_dir), s.threads)
-    with timer("sampling"):
-        samples, results = sample_all(s, model_path, loras, prototypes)
-    figure(samples, out / "figure.png")
-    save_grids(samples, out / "grids")
-    timer.seconds["total"] = round(time.time() - start, 1)
-    results.update(goals=goals(results), detector_accuracy=detectors, wall_seconds=timer.seconds,
-                   settings=asdict(s), model=str(model_path),
-                   prompts={"fidelity": INSTANCE_PROMPT, "drift": CLASS_PROMPT, "red_kept": RED_PROMPT},
-                   train_commands={k: " ".join(train_command(s, model_path, out, k, class_dir if k == "prior" else None)[1:])
-                                   for k in loras})
-    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
+    model_path = Path(model_path) if model_path else saved_model(s, out)
+    pre, per = estimate_minutes(s, model_path is None)
+    tqdm.write(f"estimate on 2 quiet cores: {math.ceil(pre + per)} min ("
+               + (f"pretraining {pre:.0f} min, " if model_path is None else f"reusing {model_path}, ")
+               + f"{s.seeds} seed(s) x {per / s.seeds:.1f} min); busy cores take longer")
+    save_subject(s, out)
+    if model_path is None:
+        with timer("pretrain"):
+            model_path = pretrained_model(s, out)
+    prototypes, detectors = detector_check(s, load(model_path).vae)
+    results = {"seeds": [], "per_seed": {}, "detector_accuracy": detectors, "settings": asdict(s),
+               "model": str(model_path), "prompts": dict(zip(("fidelity", "drift", "red_kept"), PROMPTS))}
+    for seed in range(s.seed, s.seed + s.seeds):
+        samples, numbers, seconds, commands = run_seed(s, seed, out, model_path, prototypes)
+        if seed == s.seed:
+            figure(samples, models(s.cases), out / "figure.png")
+            results["train_commands"] = commands
+        results["seeds"].append(seed)
+        results["per_seed"][str(seed)] = numbers
+        timer.seconds.pop("total", None)  # kept last
+        timer.seconds.update({f"seed_{seed}": seconds, "total": round(time.time() - start, 1)})
+        results.update(summary=summary(results["per_seed"]), goals=goals_every_seed(results["per_seed"]),
+                       wall_seconds=timer.seconds)
+        write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     return results
-
-
-def table(results):
-    """The results as a markdown table (for the README)."""
-    rows = ["| model | fidelity: \"sks circle\" shows the subject | drift: \"a circle\" looks like the subject "
-            "| \"a red circle\" still red |", "| --- | --- | --- | --- |"]
-    names = {"pretrained": "pretrained", "no_prior": "DreamBooth LoRA, no prior preservation",
-             "prior": "DreamBooth LoRA with prior preservation"}
-    for m in MODELS:
-        r = results[m]
-        rows.append(f"| {names[m]} | {r['fidelity']:.0%} "
-                    f"| {r['drift']:.0%} | {r['red_kept']:.0%} |")
-    return "\n".join(rows)
-
-
 def parse_args(argv=None):
     import argparse
 
     d = Settings()
-    p = argparse.ArgumentParser(description="DreamBooth's two claims in a toy world, on a CPU (see examples/toyworld/).")
-    p.add_argument("--out", required=True, help="folder for the model, runs, grids, figure.png and results.json")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the world, the training and the samples (default: %(default)s)")
+    p = argparse.ArgumentParser(description="DreamBooth's two claims in a toy world, on a CPU (see examples/toyworld/ "
+                                            "and docs/toyworld.md).")
+    p.add_argument("--out", required=True, help="folder for the model, runs, grids, figure.png and results.json; "
+                                                "a later call with the same --out reuses its pretrained model")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the world and pretraining, and the first "
+                                                            "DreamBooth seed (default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=d.seeds, help="DreamBooth seeds: seed, seed + 1, ... (training, class "
+                   "images and samples); numbers are reported per seed and as mean and min..max (default: %(default)s)")
+    p.add_argument("--cases", help=f"DreamBooth runs to make, comma-separated (default: {','.join(d.cases)})")
     p.add_argument("--tiny", action="store_true", help="tiny sizes and a few steps: checks the pipeline in seconds")
-    p.add_argument("--model", help="reuse the toy model (out/model) of an earlier run instead of pretraining")
+    p.add_argument("--model", help="fine-tune this toy model (the model/ folder of an earlier --out) instead of "
+                                   "pretraining one")
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads (default: %(default)s)")
-    p.add_argument("--world-images", type=int, help=f"pictures in the world (default: {d.world_images})")
-    p.add_argument("--unet-steps", type=int, help=f"denoiser pretraining steps (default: {d.unet_steps})")
-    p.add_argument("--vae-steps", type=int, help=f"autoencoder steps (default: {d.vae_steps})")
-    p.add_argument("--db-steps", type=int, help=f"DreamBooth steps of each train.py run (default: {d.db_steps})")
-    p.add_argument("--rank", type=int, help=f"LoRA rank (default: {d.rank})")
-    p.add_argument("--lr", type=float, help=f"LoRA learning rate (default: {d.lr})")
-    p.add_argument("--lora-targets", help=f"UNet layers with LoRA (default: {d.lora_targets})")
-    p.add_argument("--prior-weight", type=float, help=f"lambda of prior preservation (default: {d.prior_weight})")
+    for name, help_ in (("world_images", "pictures in the world"), ("unet_steps", "denoiser pretraining steps"),
+                        ("vae_steps", "autoencoder steps"), ("db_steps", "DreamBooth steps of each train.py run"),
+                        ("rank", "LoRA rank"), ("lr", "LoRA learning rate"), ("lora_targets", "UNet layers with LoRA"),
+                        ("prior_weight", "lambda of prior preservation"), ("class_images", "class images"),
+                        ("samples", "samples per prompt and model"), ("sample_steps", "sampler steps"),
+                        ("guidance", "classifier-free guidance scale"),
+                        ("margin", "RGB distance by which a shape must be nearer the subject than any world colour "
+                                   "to count as the subject")):
+        default = getattr(d, name)
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), help=f"{help_} (default: {default})")
     p.add_argument("--no-text-encoder", action="store_true", help="no LoRA on the text encoder")
-    p.add_argument("--samples", type=int, help=f"samples per prompt and model (default: {d.samples})")
-    p.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (default: {d.guidance})")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error("--seeds must be at least 1")
+    known = [c.name for c in CASES]
+    if args.cases is not None and not set(args.cases.split(",")) <= set(known):
+        p.error(f"--cases: choose from {', '.join(known)}")
+    return args
 
 
 def settings_from_args(args):
     s = tiny_settings(args.seed) if args.tiny else Settings(seed=args.seed)
     if not args.tiny:
         s.threads = args.threads
+    s.seeds = args.seeds
+    if args.cases is not None:
+        s.cases = tuple(c.name for c in CASES if c.name in args.cases.split(","))
     names = ("world_images", "unet_steps", "vae_steps", "db_steps", "rank", "lr", "lora_targets", "prior_weight",
-             "samples", "guidance")
+             "class_images", "samples", "sample_steps", "guidance", "margin")
     for name in names:
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
@@ -388,12 +276,25 @@ def settings_from_args(args):
     return s
 
 
+def seed_lines(results):
+    """One line per seed: each case's headline numbers and the goals it missed."""
+    lines = []
+    for seed, r in results["per_seed"].items():
+        numbers = "; ".join(f"{m} " + " ".join(f"{k} {r[m][k]:.0%}" for k in ("fidelity", "drift", "red_kept"))
+                            for m in r if m != "goals")
+        missed = [g for g, ok in r["goals"].items() if not ok]
+        lines.append(f"seed {seed}: {numbers}" + (f"; missed: {', '.join(missed)}" if missed else ""))
+    return lines
+
+
 def main(argv=None):
     args = parse_args(argv)
-    results = run(settings_from_args(args), args.out, args.model)
-    print(table(results))
+    s = settings_from_args(args)
+    results = run(s, args.out, args.model)
+    print("\n".join(seed_lines(results)))
+    print(table(results, models(s.cases)))
     print("wall seconds:", json.dumps(results["wall_seconds"]))
-    print("goals:", json.dumps(results["goals"]) + ("  (--tiny: the pipeline went through; at tiny sizes the "
-                                                    "numbers mean nothing)" if args.tiny else ""))
-    print(f"figure: {Path(args.out) / 'figure.png'}; numbers: {Path(args.out) / 'results.json'}")
+    print("goals on every seed:", json.dumps(results["goals"]) + (
+        "  (--tiny: the pipeline went through; at tiny sizes the numbers mean nothing)" if args.tiny else ""))
+    print(f"figure (seed {s.seed}): {Path(args.out) / 'figure.png'}; numbers: {Path(args.out) / 'results.json'}")
     return 0
