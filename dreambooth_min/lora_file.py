@@ -56,16 +56,21 @@ def kohya_unet_paths(unet):
     return _ldm_unet_names(unet) if getattr(unet.config, "addition_embed_type", None) == "text_time" else {}
 
 
-def lora_state_dict(unet_loras, text_loras=None, dtype=torch.float32, text_loras_2=None, unet_paths=None):
-    """Named tensors in kohya's format for the wrappers returned by inject_lora (SDXL: `text_loras_2` for
-    the second text encoder, `unet_paths` = kohya_unet_paths)."""
-    out = {}
+def kohya_modules(unet_loras, text_loras=None, text_loras_2=None, unet_paths=None):
+    """(kohya name, wrapper) of every LoRA wrapper (SDXL: `text_loras_2` for the second text encoder,
+    `unet_paths` = kohya_unet_paths)."""
     for part, loras in lora_parts(unet_loras, text_loras, text_loras_2).items():
         for path, m in loras.items():
-            k = kohya_name((unet_paths or {}).get(path, path) if part == "unet" else path, part)
-            out[k + ".lora_down.weight"] = m.lora_down.weight.detach().to("cpu", dtype)
-            out[k + ".lora_up.weight"] = m.lora_up.weight.detach().to("cpu", dtype)
-            out[k + ".alpha"] = torch.tensor(m.alpha, dtype=torch.float32)
+            yield kohya_name((unet_paths or {}).get(path, path) if part == "unet" else path, part), m
+
+
+def lora_state_dict(unet_loras, text_loras=None, dtype=torch.float32, text_loras_2=None, unet_paths=None):
+    """Named tensors in kohya's format for the wrappers returned by inject_lora (SDXL: see kohya_modules)."""
+    out = {}
+    for k, m in kohya_modules(unet_loras, text_loras, text_loras_2, unet_paths):
+        out[k + ".lora_down.weight"] = m.lora_down.weight.detach().to("cpu", dtype)
+        out[k + ".lora_up.weight"] = m.lora_up.weight.detach().to("cpu", dtype)
+        out[k + ".alpha"] = torch.tensor(m.alpha, dtype=torch.float32)
     return out
 
 
