@@ -77,7 +77,7 @@ def original_size(path):
     return h, w
 
 
-def size_time_ids(sizes, resolution):
+def photo_time_ids(sizes, resolution):
     """SDXL's size conditioning (Podell et al. 2023, sec. 2.2) of photos of original `sizes` [(h, w)] trained at
     R x R: one row (h, w, crop top, crop left, R, R) each, [N, 6] float.
 
@@ -86,8 +86,7 @@ def size_time_ids(sizes, resolution):
     round((resized - R) / 2) in the resized image."""
     rows = []
     for h, w in sizes:
-        short = min(h, w)
-        rh, rw = (resolution, int(resolution * h / w)) if h == short else (int(resolution * w / h), resolution)
+        rh, rw = (resolution, int(resolution * w / h)) if h <= w else (int(resolution * h / w), resolution)
         rows.append((h, w, max(0, int(round((rh - resolution) / 2.0))), max(0, int(round((rw - resolution) / 2.0))),
                      resolution, resolution))
     return torch.tensor(rows, dtype=torch.float32).reshape(-1, 6)
@@ -105,7 +104,7 @@ def caption_for(path, prompt):
 
 def load_instance_images(folder, resolution, prompt, with_sizes=False):
     """(images [N, 3, R, R] in [-1, 1], captions [N], warnings [str]) from a folder of photos, and with
-    `with_sizes` their original sizes [(h, w)] (SDXL's size conditioning, size_time_ids).
+    `with_sizes` their original sizes [(h, w)] (SDXL's size conditioning, photo_time_ids).
 
     Unreadable files are skipped with a warning as long as one image is readable; otherwise, and
     for a missing / empty folder, a UserError says what is wrong in one line.
@@ -177,7 +176,7 @@ class LatentCache:
         self.vae, self.images, self.views = vae, images, 2 if flip else 1
         self.scaling_factor = vae.scaling_factor
         self.posteriors = {}  # (image, view) -> (mean, std) [4, h, w]
-        self.sizes = sizes  # SDXL: [N, 6] size_time_ids of the images (a mirror image has its original's); else None
+        self.sizes = sizes  # SDXL: [N, 6] photo_time_ids of the images (a mirror image has its original's); else None
 
     def __len__(self):
         return len(self.images)

@@ -62,7 +62,7 @@ def prepare(cfg, resume, log):
 def latents(cfg, setup, images, sizes, class_dir):
     """(instance, class) LatentCaches; the class images are drawn first when missing (prior preservation).
     SDXL's caches hold each image's size conditioning, computed from its original size [(h, w)] `sizes`."""
-    from .data import LatentCache, load_image, original_size, size_time_ids
+    from .data import LatentCache, load_image, original_size, photo_time_ids
     from .prior import ensure_class_images
 
     sd, res = setup.sd, setup.resolution
@@ -76,9 +76,9 @@ def latents(cfg, setup, images, sizes, class_dir):
             raise UserError(f"class images drawn by other processes are missing in {class_dir}: with torchrun on "
                             "several machines, give --class-dir (and --output) on a filesystem they share")
         class_images = torch.stack([load_image(p, res)[0] for p in paths])
-        class_sizes = size_time_ids([original_size(p) for p in paths], res) if sd.version == "sdxl" else None
+        class_sizes = photo_time_ids([original_size(p) for p in paths], res) if sd.version == "sdxl" else None
         class_latents = LatentCache(sd.vae, class_images, flip=cfg.flip, sizes=class_sizes)  # encoded when first drawn
-    sizes = size_time_ids(sizes, res) if sd.version == "sdxl" else None
+    sizes = photo_time_ids(sizes, res) if sd.version == "sdxl" else None
     return LatentCache(sd.vae, images, flip=cfg.flip, sizes=sizes), class_latents
 
 
