@@ -53,7 +53,12 @@ def kohya_unet_paths(unet):
     """{our path: the path a kohya file names}: SDXL's LoRAs (sd-scripts' SdxlUNet2DConditionModel, ComfyUI,
     A1111) name UNet layers by their LDM paths (input_blocks.4.1.transformer_blocks.0.attn1.to_q), SD 1.x / 2.x
     ones by diffusers' paths, ours ({} = the path itself)."""
-    return _ldm_unet_names(unet) if getattr(unet.config, "addition_embed_type", None) == "text_time" else {}
+    if getattr(unet.config, "addition_embed_type", None) != "text_time":
+        return {}
+    names = _ldm_unet_names(unet)
+    if not names:  # never write an SDXL file under names its readers do not know
+        raise ValueError(f"no LDM names for the layers of this SDXL UNet ({type(unet).__name__})")
+    return names
 
 
 def kohya_modules(unet_loras, text_loras=None, text_loras_2=None, unet_paths=None):

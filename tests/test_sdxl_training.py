@@ -64,3 +64,170 @@ def test_batch_rows_carry_their_own_time_ids():
     assert batch.time_ids[2:].tolist() == [[256, 256, 0, 1, 256, 256]] * 2
     plain = assemble_batch(LatentCache(_VAE(), images), ["a", "b", "c"], torch.tensor([1]), None, "k", g)
     assert plain.time_ids is None  # SD 1.x / 2.x: no size conditioning
+
+
+# ---------------------------------------------------------------------------------------------------
+# The LoRA file: kohya's SDXL names, read by diffusers; others' SDXL files read by us; families refused
+
+def _sdxl_modules(seed=0):
+    """A tiny diffusers SDXL UNet (no attention at level 0, 1 then 2 transformer blocks, text_time) and its two
+    text encoders (CLIPTextModel, CLIPTextModelWithProjection), seeded random, fp32, eval mode."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from tiny import SD1_TEXT, _randomize
+
+    g = torch.Generator().manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), cross_attention_dim=64,
+        transformer_layers_per_block=(1, 2), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=32)
+    text = CLIPTextModel(CLIPTextConfig(**SD1_TEXT))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**dict(SD1_TEXT, pad_token_id=0, hidden_act="gelu",
+                                                               projection_dim=32)))
+    for m in (unet, text, text_2):
+        _randomize(m, g)
+        m.eval()
+    return unet, text, text_2
+
+
+def _trained_like(unet, text, text_2, seed=1, std=0.05):
+    """LoRA wrappers on all three (as --train-text-encoder), their up factors random as after training."""
+    from dreambooth_min.lora import TEXT_TARGETS, UNET_TARGETS, inject_lora
+
+    torch.manual_seed(seed)
+    loras = [inject_lora(unet, UNET_TARGETS, rank=4, alpha=2), inject_lora(text, TEXT_TARGETS, rank=2),
+             inject_lora(text_2, TEXT_TARGETS, rank=2, alpha=3)]
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for d in loras:
+            for m in d.values():
+                m.lora_up.weight.copy_(std * torch.randn(m.lora_up.weight.shape, generator=g))
+    return loras
+
+
+def test_kohya_sdxl_names():
+    """UNet layers by their LDM paths (sd-scripts' SDXL UNet, ComfyUI, A1111), text encoders as te1 / te2."""
+    import copy
+
+    from dreambooth_min.lora_file import kohya_unet_paths, lora_state_dict
+
+    unet, text, text_2 = _sdxl_modules()
+    paths = kohya_unet_paths(unet)
+    loras = _trained_like(copy.deepcopy(unet), copy.deepcopy(text), copy.deepcopy(text_2))
+    tensors = lora_state_dict(loras[0], loras[1], text_loras_2=loras[2], unet_paths=paths)
+    names = {k.split(".")[0] for k in tensors}
+    # down_blocks.1 is LDM level 1: input_blocks 4 and 5 (k = 1 + 3 * level + j); up_blocks.0 = output_blocks 0-2
+    for name in ("lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k",
+                 "lora_unet_input_blocks_5_1_transformer_blocks_0_attn1_to_out_0",
+                 "lora_unet_middle_block_1_transformer_blocks_1_attn1_to_q",
+                 "lora_unet_output_blocks_2_1_transformer_blocks_0_attn2_to_v",
+                 "lora_te1_text_model_encoder_layers_1_self_attn_q_proj",
+                 "lora_te2_text_model_encoder_layers_0_self_attn_out_proj"):
+        assert name in names, name
+    assert not any(n.startswith(("lora_unet_down_blocks", "lora_unet_mid_block", "lora_unet_up_blocks", "lora_te_"))
+                   for n in names)
+    assert len(names) == len(loras[0]) + len(loras[1]) + len(loras[2])
+    assert tensors["lora_te2_text_model_encoder_layers_0_self_attn_out_proj.alpha"].item() == 3.0
+
+
+def _pipeline(unet, text, text_2):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    from tiny import TOKENIZER_DIR, VAE
+
+    tokenizers = [CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), pad_token=pad,
+                                model_max_length=77) for pad in ("<|endoftext|>", "!")]
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionXLPipeline(vae=AutoencoderKL(**VAE, scaling_factor=0.13025), text_encoder=text,
+                                     text_encoder_2=text_2, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet,
+                                     scheduler=scheduler)
+
+
+def _fused_weights(pipe):
+    """{component.path: weight} of a pipeline after fuse_lora, peft's wrappers seen through."""
+    out = {}
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        for k, v in getattr(pipe, name).state_dict().items():
+            if "lora_" not in k:
+                out[f"{name}.{k.replace('.base_layer.', '.')}"] = v
+    return out
+
+
+def _our_weights(unet, text, text_2):
+    return {f"{n}.{k}": v for n, m in (("unet", unet), ("text_encoder", text), ("text_encoder_2", text_2))
+            for k, v in m.state_dict().items()}
+
+
+def _max_weight_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_our_sdxl_file_in_diffusers_and_theirs_in_ours(tmp_path):
+    """Our kohya SDXL file, loaded by diffusers' StableDiffusionXLPipeline.load_lora_weights (its kohya SDXL
+    converter), changes the UNet and both text encoders exactly as our apply_lora; and a diffusers / peft SDXL
+    file (unet., text_encoder., text_encoder_2. keys) applied by us equals diffusers' own loading."""
+    import copy
+
+    from peft.utils import get_peft_model_state_dict
+
+    from dreambooth_min.lora_file import apply_lora, kohya_unet_paths, load_lora, lora_state_dict, save_lora
+
+    base = _sdxl_modules()
+    loras = _trained_like(*copy.deepcopy(base))
+    save_lora(tmp_path / "ours.safetensors", lora_state_dict(loras[0], loras[1], text_loras_2=loras[2],
+                                                              unet_paths=kohya_unet_paths(base[0])))
+    tensors, metadata = load_lora(tmp_path / "ours.safetensors")
+    ours = [copy.deepcopy(m) for m in base]
+    apply_lora(ours[0], ours[1], tensors, metadata=metadata, text_encoder_2=ours[2])
+    pipe = _pipeline(*copy.deepcopy(base))
+    pipe.load_lora_weights(str(tmp_path), weight_name="ours.safetensors")
+    pipe.fuse_lora()
+    theirs = _fused_weights(pipe)
+    moved = _max_weight_diff(_our_weights(*ours), _our_weights(*base))
+    assert moved > 1e-3  # the LoRA changes the weights
+    assert _max_weight_diff(_our_weights(*ours), theirs) < 1e-6, "diffusers read our file differently"
+    # The other way: diffusers' own SDXL format (peft adapters saved by save_lora_weights).
+    pipe = _pipeline(*copy.deepcopy(base))
+    pipe.load_lora_weights(str(tmp_path), weight_name="ours.safetensors", adapter_name="x")
+    names = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
+    kw = {f"{short}_lora_layers": get_peft_model_state_dict(getattr(pipe, name), adapter_name="x")
+          for name, short in names.items()}
+    kw |= {f"{short}_lora_adapter_metadata": getattr(pipe, name).peft_config["x"].to_dict()  # alpha lives here
+           for name, short in names.items()}
+    type(pipe).save_lora_weights(tmp_path, weight_name="peft.safetensors", **kw)
+    tensors, metadata = load_lora(tmp_path / "peft.safetensors")
+    assert any(k.startswith("text_encoder_2.") for k in tensors) and any(k.startswith("unet.") for k in tensors)
+    again = [copy.deepcopy(m) for m in base]
+    apply_lora(again[0], again[1], tensors, metadata=metadata, text_encoder_2=again[2])
+    assert _max_weight_diff(_our_weights(*again), theirs) < 1e-6
+
+
+def test_other_family_is_one_line():
+    """An SD 1.x LoRA on SDXL and an SDXL LoRA on SD 1.x: one UserError naming both families; nothing changed."""
+    import copy
+
+    import pytest
+
+    from dreambooth_min.errors import UserError
+    from dreambooth_min.lora_file import apply_lora, lora_state_dict
+    from tiny import make_pipeline
+
+    unet, text, text_2 = _sdxl_modules()
+    sd1 = make_pipeline("sd1")
+    before = copy.deepcopy(_our_weights(unet, text, text_2))
+    loras = _trained_like(copy.deepcopy(sd1.unet), copy.deepcopy(sd1.text_encoder), copy.deepcopy(text_2))
+    sd1_file = lora_state_dict(loras[0], loras[1])
+    with pytest.raises(UserError, match=r"^this LoRA was made for SD 1.x / 2.x, not for this SDXL model \(keys like "
+                                        r"lora_te_text_model_encoder_layers_\d_self_attn_\w+\)$"):
+        apply_lora(unet, text, sd1_file, text_encoder_2=text_2)
+    assert _max_weight_diff(_our_weights(unet, text, text_2), before) == 0
+    sdxl_file = lora_state_dict(*_trained_like(*_sdxl_modules())[:2], text_loras_2={})
+    sdxl_file = {k.replace("lora_te_", "lora_te1_"): v for k, v in sdxl_file.items()}
+    with pytest.raises(UserError, match=r"^this LoRA was made for SDXL, not for this SD 1.x / 2.x model \(keys like "
+                                        r"lora_te1_"):
+        apply_lora(copy.deepcopy(sd1.unet), copy.deepcopy(sd1.text_encoder), sdxl_file)
