@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed as dist
+from .conditioning import Cond
 from .dreambooth import assemble_batch, dreambooth_step
 from .errors import UserError
 from .lora import TEXT_TARGETS, inject_lora
@@ -198,7 +199,7 @@ class TextContexts:
         for p in set(prompts) - self.cache.keys():
             with torch.no_grad():
                 self.cache[p] = self.sd.encode_prompt([p])
-        return torch.cat([self.cache[p] for p in prompts])
+        return Cond.cat([self.cache[p] for p in prompts])
 
 
 def add_lora(cfg, sd):
