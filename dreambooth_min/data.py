@@ -84,12 +84,14 @@ def photo_time_ids(sizes, resolution):
     As diffusers' train_dreambooth_lora_sdxl.py with --center_crop computes it: the short side is resized to R
     (torchvision's Resize: the long side becomes int(R * long / short)), and the crop's top-left corner is
     round((resized - R) / 2) in the resized image."""
+    from .conditioning import size_time_ids
+
     rows = []
     for h, w in sizes:
         rh, rw = (resolution, int(resolution * w / h)) if h <= w else (int(resolution * h / w), resolution)
-        rows.append((h, w, max(0, int(round((rh - resolution) / 2.0))), max(0, int(round((rw - resolution) / 2.0))),
-                     resolution, resolution))
-    return torch.tensor(rows, dtype=torch.float32).reshape(-1, 6)
+        crop = max(0, int(round((rh - resolution) / 2.0))), max(0, int(round((rw - resolution) / 2.0)))
+        rows.append(size_time_ids((h, w), crop, (resolution, resolution)))
+    return torch.stack(rows) if rows else torch.zeros(0, 6)
 
 
 def caption_for(path, prompt):

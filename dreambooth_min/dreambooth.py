@@ -68,8 +68,8 @@ def dreambooth_loss(pred, target, n_instance, prior_weight, weights=None):
 def dreambooth_step(unet, batch, cond, prediction_type, prior_weight=1.0, snr_gamma=0.0):
     """One evaluation of the DreamBooth loss (eq. 1 + lambda * eq. 2's prior term): (loss, instance, prior).
 
-    `cond` is c per row: the text encoding [B, 77, D] of batch.prompts, or for SDXL a conditioning.Cond that
-    adds the pooled text and batch.time_ids. The UNet runs in its own dtype and device.
+    `cond` is c per row, a conditioning.Cond: the text encoding [B, 77, D] of batch.prompts (SDXL: also the
+    pooled text and batch.time_ids). The UNet runs in its own dtype and device.
     """
     weight = unet.conv_in.weight
     x0, eps, t = (v.to(weight.device) for v in (batch.latents, batch.noise, batch.timesteps))  # [B, 4, h, w], [B]

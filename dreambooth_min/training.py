@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed as dist
+from .conditioning import Cond
 from .dreambooth import assemble_batch, dreambooth_step
 from .errors import UserError
 from .lora import TEXT_TARGETS, inject_lora
@@ -203,18 +204,8 @@ class TextContexts:
             for p in set(prompts) - self.cache.keys():
                 with torch.no_grad():
                     self.cache[p] = self.sd.encode_prompt([p])
-            cond = _cat_rows([self.cache[p] for p in prompts])
-        if time_ids is None:
-            return cond
-        return dataclasses.replace(cond, time_ids=time_ids.to(cond.context.device))
-
-
-def _cat_rows(conds):
-    """One batch from one-row encodings: tensors, or conditioning.Cond objects field by field."""
-    if isinstance(conds[0], torch.Tensor):
-        return torch.cat(conds)
-    return dataclasses.replace(conds[0], **{f.name: torch.cat([getattr(c, f.name) for c in conds])
-                                            for f in dataclasses.fields(conds[0]) if getattr(conds[0], f.name) is not None})
+            cond = Cond.cat([self.cache[p] for p in prompts])
+        return cond if time_ids is None else cond.with_time_ids(time_ids)
 
 
 def add_lora(cfg, sd):

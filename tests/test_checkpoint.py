@@ -42,7 +42,7 @@ def test_unet_vae_text_match_reference(tiny, layout):
         ids = pipe.tokenizer(["a photo of sks dog", "a red cube on a table"], padding="max_length", max_length=77,
                              return_tensors="pt").input_ids
         assert maxdiff(sd.text_encoder(ids).last_hidden_state, pipe.text_encoder(ids).last_hidden_state) <= TOL
-        ours = sd.encode_prompt(["a photo of sks dog"])
+        ours = sd.encode_prompt(["a photo of sks dog"]).context
         assert ours.shape == (1, 77, ctx_dim) and maxdiff(ours, pipe.text_encoder(ids[:1])[0]) <= TOL
     assert sd.vae.scaling_factor == pytest.approx(0.18215)
 
