@@ -40,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: as --height's default)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like noise (default: 0)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="a LoRA .safetensors file (kohya LoRA / LoCon, or diffusers / peft) and its strength, e.g. "
+                   help="a LoRA .safetensors file (kohya LoRA / LoCon, or diffusers / peft; SD 1.x / 2.x or SDXL, "
+                        "matching --model) and its strength, e.g. "
                         "style.safetensors:0.8; repeat to combine several (default strength: --lora-scale)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="strength of a --lora without :SCALE (default: 1.0)")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
@@ -79,7 +80,7 @@ def run(args):
                              revision=args.revision)
     for path, scale in loras:  # merged one after another: W + sum_i scale_i (alpha_i / r_i) B_i A_i
         tensors, metadata = load_lora(path)
-        apply_lora(sd.unet, sd.text_encoder, tensors, scale=scale, metadata=metadata)
+        apply_lora(sd.unet, sd.text_encoder, tensors, scale=scale, metadata=metadata, text_encoder_2=sd.text_encoder_2)
     lora = lora_label(loras)
     height = sd.default_resolution if args.height is None else args.height
     width = sd.default_resolution if args.width is None else args.width
