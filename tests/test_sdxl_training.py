@@ -231,3 +231,13 @@ def test_other_family_is_one_line():
     with pytest.raises(UserError, match=r"^this LoRA was made for SDXL, not for this SD 1.x / 2.x model \(keys like "
                                         r"lora_te1_"):
         apply_lora(copy.deepcopy(sd1.unet), copy.deepcopy(sd1.text_encoder), sdxl_file)
+
+
+def test_vae_precision_defaults():
+    """SDXL's VAE runs fp32 over an fp16 base (it overflows fp16); otherwise the base's precision or --vae-precision."""
+    from dreambooth_min.hardware import Hardware
+
+    fp16, bf16 = Hardware("cuda", "fp16"), Hardware("cuda", "bf16")
+    assert fp16.vae_dtype("sdxl") == torch.float32 and fp16.vae_dtype("sd1") == torch.float16
+    assert bf16.vae_dtype("sdxl") == torch.bfloat16
+    assert fp16.vae_dtype("sdxl", "bf16") == torch.bfloat16 and fp16.vae_dtype("sdxl", "fp16") == torch.float16
