@@ -241,3 +241,150 @@ def test_vae_precision_defaults():
     assert fp16.vae_dtype("sdxl") == torch.float32 and fp16.vae_dtype("sd1") == torch.float16
     assert bf16.vae_dtype("sdxl") == torch.bfloat16
     assert fp16.vae_dtype("sdxl", "bf16") == torch.bfloat16 and fp16.vae_dtype("sdxl", "fp16") == torch.float16
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training runs on a tiny random SDXL model (a diffusers folder with text_encoder_2/)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import sample  # noqa: E402
+from test_training import config, synthetic_images  # noqa: E402
+
+PROMPT = "a photo of sks dog"
+
+
+@pytest.fixture(scope="module")
+def tiny_xl(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    root = tmp_path_factory.mktemp("tiny_sdxl")
+    pipe = _pipeline(*_sdxl_modules())
+    pipe.save_pretrained(root / "folder", safe_serialization=True)
+    return dict(pipe=pipe, folder=root / "folder", images=synthetic_images(root / "images"))
+
+
+def _xl_config(tmp_path, tiny, **kw):
+    return config(tmp_path, tiny["folder"], images=str(tiny["images"]), **kw)
+
+
+def xl_denoising_loss(folder, lora, images_dir, resolution=32, seed=123):
+    """Mean eps-MSE of the SDXL model (+ LoRA) on the photos at fixed noise and timesteps, each photo with its
+    own size conditioning (as in training)."""
+    from dreambooth_min import load
+    from dreambooth_min.data import encode_latents
+    from dreambooth_min.lora_file import apply_lora, load_lora
+    from dreambooth_min.scheduler import add_noise
+
+    sd = load(folder)
+    if lora is not None:
+        apply_lora(sd.unet, sd.text_encoder, load_lora(lora)[0], text_encoder_2=sd.text_encoder_2)
+    images, _, _, sizes = load_instance_images(images_dir, resolution, "x", with_sizes=True)
+    z0 = encode_latents(sd.vae, images)[0] * sd.vae.scaling_factor
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        cond = sd.encode_prompt([PROMPT] * len(z0)).with_time_ids(photo_time_ids(sizes, resolution))
+        losses = []
+        for t in (100, 300, 500, 700, 900):
+            noise, tt = torch.randn(z0.shape, generator=g), torch.full((len(z0),), t)
+            losses.append(((sd.unet(add_noise(z0, noise, tt), tt, cond) - noise) ** 2).mean().item())
+    return sum(losses) / len(losses)
+
+
+def test_sdxl_training_lowers_the_denoising_loss(tiny_xl, tmp_path):
+    from dreambooth_min.training import train
+
+    cfg = _xl_config(tmp_path, tiny_xl, steps=100, lr=1e-2, prior_weight=0.0, rank=8, flip=False,
+                     lora_targets=("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"))
+    before = xl_denoising_loss(tiny_xl["folder"], None, cfg.images)
+    result = train(cfg)
+    after = xl_denoising_loss(tiny_xl["folder"], result["lora"], cfg.images)
+    print(f"SDXL denoising loss {before:.4f} -> {after:.4f}")
+    assert after < 0.85 * before, (before, after)
+
+
+def test_sdxl_resume_is_byte_identical_and_trains_both_text_encoders(tiny_xl, tmp_path):
+    """Prior preservation (class images drawn by the frozen SDXL), --train-text-encoder: an interrupted and
+    resumed run writes the same LoRA file, byte for byte, as an uninterrupted one; te1 and te2 both learnt."""
+    from dreambooth_min.lora_file import load_lora
+    from dreambooth_min.training import train
+
+    kw = dict(steps=4, train_text_encoder=True, rank=2, class_dir=str(tmp_path / "class"))
+    a = train(_xl_config(tmp_path / "a", tiny_xl, **kw))
+    cfg = _xl_config(tmp_path / "b", tiny_xl, **kw)
+    assert train(cfg, stop_after=2)["interrupted"]
+    b = train(cfg, resume=True)
+    assert b["step"] == 4 and a["lora"].read_bytes() == b["lora"].read_bytes()
+    tensors, meta = load_lora(a["lora"])
+    for part in ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_", "lora_te1_", "lora_te2_"):
+        ups = [v for k, v in tensors.items() if k.startswith(part) and k.endswith("lora_up.weight")]
+        assert ups and all(v.abs().max() > 0 for v in ups), part  # every layer of each part learnt
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_sd_version"] == "sdxl"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2
+
+
+def _image(args, out):
+    assert sample.main(args + ["--prompt", PROMPT, "--steps", "5", "--height", "32", "--width", "32", "--seed", "1",
+                               "--out", str(out), "--no-progress"]) == 0
+    return np.asarray(Image.open(out))
+
+
+def _reference(pipe, lora_dir=None, name=None):
+    import copy
+
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(**{k: copy.deepcopy(v) for k, v in pipe.components.items()})
+    if lora_dir is not None:
+        pipe.load_lora_weights(str(lora_dir), weight_name=name)
+    image = pipe(PROMPT, num_inference_steps=5, guidance_scale=7.5, height=32, width=32, output_type="np",
+                 generator=[torch.Generator().manual_seed(1)]).images[0]
+    return (image * 255).round().astype(np.uint8)
+
+
+def test_trained_sdxl_lora_in_diffusers_gives_our_image(tiny_xl, tmp_path):
+    """A LoRA trained here (UNet and both text encoders) loads in diffusers' StableDiffusionXLPipeline and gives
+    sample.py's image within 2/255. Well-conditioned: the trained factors are small (lr 1e-3, 6 steps), and a
+    1e-6 perturbation of them moves our image by at most 1/255."""
+    from dreambooth_min.lora_file import load_lora, save_lora
+    from dreambooth_min.training import train
+
+    lora = train(_xl_config(tmp_path, tiny_xl, steps=6, train_text_encoder=True, prior_weight=0.0))["lora"]
+    ours = _image(["--model", str(tiny_xl["folder"]), "--lora", str(lora)], tmp_path / "ours.png")
+    plain = _image(["--model", str(tiny_xl["folder"])], tmp_path / "plain.png")
+    ref = _reference(tiny_xl["pipe"], lora.parent, lora.name)
+    diff = np.abs(ours.astype(int) - ref)
+    print(f"trained SDXL LoRA, ours vs diffusers: max |diff| {diff.max()}/255; the LoRA moves the image by "
+          f"{np.abs(ours.astype(int) - plain).max()}/255")
+    assert diff.max() <= 2 and ref.std() > 20
+    assert np.abs(ours.astype(int) - plain).max() > 2 * diff.max() + 2  # the LoRA changed the picture
+    tensors, meta = load_lora(lora)
+    g = torch.Generator().manual_seed(0)
+    save_lora(tmp_path / "nudged.safetensors", {k: v + 1e-6 * torch.randn(v.shape, generator=g) if "lora_" in k else v
+                                                for k, v in tensors.items()}, meta)
+    nudged = _image(["--model", str(tiny_xl["folder"]), "--lora", str(tmp_path / "nudged.safetensors")],
+                    tmp_path / "nudged.png")
+    assert np.abs(nudged.astype(int) - ours).max() <= 1
+
+
+def test_sdxl_bad_inputs_are_one_line(tiny_xl, tiny_sd1, tmp_path, capsys):
+    """An SD 1.x LoRA on SDXL and an SDXL LoRA on SD 1.x: exit 2 and one `error:` line naming both families."""
+    import copy
+
+    from dreambooth_min.lora_file import kohya_unet_paths, lora_state_dict, save_lora
+
+    base = _sdxl_modules()
+    xl = _trained_like(*copy.deepcopy(base))
+    save_lora(tmp_path / "xl.safetensors", lora_state_dict(xl[0], xl[1], text_loras_2=xl[2],
+                                                           unet_paths=kohya_unet_paths(base[0])))
+    sd1 = tiny_sd1["pipe"]
+    sd1_loras = _trained_like(*[copy.deepcopy(m) for m in (sd1.unet, sd1.text_encoder, base[2])])
+    save_lora(tmp_path / "sd1.safetensors", lora_state_dict(sd1_loras[0], sd1_loras[1]))
+    for model, lora, message in ((tiny_xl["folder"], "sd1", "made for SD 1.x / 2.x, not for this SDXL model"),
+                                 (tiny_sd1["folder"], "xl", "made for SDXL, not for this SD 1.x / 2.x model")):
+        code = sample.main(["--model", str(model), "--lora", str(tmp_path / f"{lora}.safetensors"), "--prompt", "x",
+                            "--out", str(tmp_path / "x.png"), "--no-progress", "--steps", "1"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "x.png").exists()
