@@ -316,9 +316,14 @@ def test_sdxl_resume_is_byte_identical_and_trains_both_text_encoders(tiny_xl, tm
     b = train(cfg, resume=True)
     assert b["step"] == 4 and a["lora"].read_bytes() == b["lora"].read_bytes()
     tensors, meta = load_lora(a["lora"])
+    # Every layer of each part learnt, but CLIP-L's last one: SDXL reads its penultimate states, so that layer
+    # gets no gradient (bigG's last layer feeds the pooled vector, so it learns).
+    last_te1 = "lora_te1_text_model_encoder_layers_1_"
     for part in ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_", "lora_te1_", "lora_te2_"):
-        ups = [v for k, v in tensors.items() if k.startswith(part) and k.endswith("lora_up.weight")]
-        assert ups and all(v.abs().max() > 0 for v in ups), part  # every layer of each part learnt
+        ups = [v for k, v in tensors.items() if k.startswith(part) and k.endswith("lora_up.weight")
+               and not k.startswith(last_te1)]
+        assert ups and all(v.abs().max() > 0 for v in ups), part
+    assert all(v.abs().max() == 0 for k, v in tensors.items() if k.startswith(last_te1) and "lora_up" in k)
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_sd_version"] == "sdxl"
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert len(list((tmp_path / "class").glob("*.png"))) == 2
@@ -345,12 +350,12 @@ def _reference(pipe, lora_dir=None, name=None):
 
 def test_trained_sdxl_lora_in_diffusers_gives_our_image(tiny_xl, tmp_path):
     """A LoRA trained here (UNet and both text encoders) loads in diffusers' StableDiffusionXLPipeline and gives
-    sample.py's image within 2/255. Well-conditioned: the trained factors are small (lr 1e-3, 6 steps), and a
+    sample.py's image within 2/255. Well-conditioned: the trained factors are small (lr 1e-2, 6 steps), and a
     1e-6 perturbation of them moves our image by at most 1/255."""
     from dreambooth_min.lora_file import load_lora, save_lora
     from dreambooth_min.training import train
 
-    lora = train(_xl_config(tmp_path, tiny_xl, steps=6, train_text_encoder=True, prior_weight=0.0))["lora"]
+    lora = train(_xl_config(tmp_path, tiny_xl, steps=6, lr=1e-2, train_text_encoder=True, prior_weight=0.0))["lora"]
     ours = _image(["--model", str(tiny_xl["folder"]), "--lora", str(lora)], tmp_path / "ours.png")
     plain = _image(["--model", str(tiny_xl["folder"])], tmp_path / "plain.png")
     ref = _reference(tiny_xl["pipe"], lora.parent, lora.name)
