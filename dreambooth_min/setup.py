@@ -97,6 +97,7 @@ def plan(cfg, setup, n_images, class_dir):
     vae = precision_name(next(sd.vae.parameters()).dtype)
     why = ": SDXL's VAE overflows fp16 into NaN / black images" if sd.version == "sdxl" and hw.precision == "fp16" else ""
     vae = "" if vae == hw.precision else f", VAE in {vae}{why}"
+    text_encoders = " + both text encoders" if sd.version == "sdxl" else " + text encoder"
     lines = [f"model       {cfg.model} ({sd.version}, {sd.prediction_type})",
              f"photos      {n_images} from {cfg.images}, {setup.resolution} px, flips {'on' if cfg.flip else 'off'}",
              f"learns      {setup.prompt!r}{noun}",
@@ -104,7 +105,7 @@ def plan(cfg, setup, n_images, class_dir):
              f"validation  {setup.validation_prompt!r}" + (f" every {cfg.validate_every} epochs"
                                                           if cfg.validate_every else " off"),
              f"training    {steps} step{'s' * (steps != 1)} ({steps * cfg.grad_accum / micro:g} epochs), LoRA rank {cfg.rank} on "
-             f"{','.join(cfg.lora_targets)}{' + text encoder' if cfg.train_text_encoder else ''}",
+             f"{','.join(cfg.lora_targets)}{text_encoders if cfg.train_text_encoder else ''}",
              f"hardware    {hw.device}, {hw.precision}{vae}" + (f", {dist.world_size()} processes (torchrun) of "
                                                          f"batch {cfg.batch_size} each" if dist.world_size() > 1 else ""),
              f"output      {setup.run.path}"]
