@@ -70,26 +70,12 @@ def test_batch_rows_carry_their_own_time_ids():
 # The LoRA file: kohya's SDXL names, read by diffusers; others' SDXL files read by us; families refused
 
 def _sdxl_modules(seed=0):
-    """A tiny diffusers SDXL UNet (no attention at level 0, 1 then 2 transformer blocks, text_time) and its two
-    text encoders (CLIPTextModel, CLIPTextModelWithProjection), seeded random, fp32, eval mode."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    """The tiny SDXL's UNet (no attention at level 0, 1/2/3 transformer blocks, text_time) and its two text
+    encoders (CLIPTextModel, CLIPTextModelWithProjection), seeded random, fp32, eval mode (tests/tiny_sdxl.py)."""
+    from tiny_sdxl import make_pipeline
 
-    from tiny import SD1_TEXT, _randomize
-
-    g = torch.Generator().manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64), layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), cross_attention_dim=64,
-        transformer_layers_per_block=(1, 2), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=32)
-    text = CLIPTextModel(CLIPTextConfig(**SD1_TEXT))
-    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**dict(SD1_TEXT, pad_token_id=0, hidden_act="gelu",
-                                                               projection_dim=32)))
-    for m in (unet, text, text_2):
-        _randomize(m, g)
-        m.eval()
-    return unet, text, text_2
+    pipe = make_pipeline(seed)
+    return pipe.unet, pipe.text_encoder, pipe.text_encoder_2
 
 
 def _trained_like(unet, text, text_2, seed=1, std=0.05):
@@ -119,11 +105,14 @@ def test_kohya_sdxl_names():
     tensors = lora_state_dict(loras[0], loras[1], text_loras_2=loras[2], unet_paths=paths)
     names = {k.split(".")[0] for k in tensors}
     # down_blocks.1 is LDM level 1: input_blocks 4 and 5 (k = 1 + 3 * level + j); up_blocks.0 = output_blocks 0-2
+    # The released SDXL's block numbers (k = 1 + 3 * level + j): level 1 = input_blocks 4, 5; level 2 = 7, 8;
+    # up_blocks.0 (level 2) = output_blocks 0-2, up_blocks.1 = 3-5.
     for name in ("lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k",
-                 "lora_unet_input_blocks_5_1_transformer_blocks_0_attn1_to_out_0",
-                 "lora_unet_middle_block_1_transformer_blocks_1_attn1_to_q",
-                 "lora_unet_output_blocks_2_1_transformer_blocks_0_attn2_to_v",
-                 "lora_te1_text_model_encoder_layers_1_self_attn_q_proj",
+                 "lora_unet_input_blocks_8_1_transformer_blocks_2_attn1_to_out_0",
+                 "lora_unet_middle_block_1_transformer_blocks_2_attn1_to_q",
+                 "lora_unet_output_blocks_0_1_transformer_blocks_2_attn2_to_v",
+                 "lora_unet_output_blocks_5_1_transformer_blocks_1_attn2_to_v",
+                 "lora_te1_text_model_encoder_layers_2_self_attn_q_proj",
                  "lora_te2_text_model_encoder_layers_0_self_attn_out_proj"):
         assert name in names, name
     assert not any(n.startswith(("lora_unet_down_blocks", "lora_unet_mid_block", "lora_unet_up_blocks", "lora_te_"))
@@ -133,18 +122,12 @@ def test_kohya_sdxl_names():
 
 
 def _pipeline(unet, text, text_2):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPTokenizer
+    """The tiny SDXL pipeline (VAE, tokenizers, DDIM) around these three modules."""
+    from diffusers import StableDiffusionXLPipeline
+    from tiny_sdxl import make_pipeline
 
-    from tiny import TOKENIZER_DIR, VAE
-
-    tokenizers = [CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), pad_token=pad,
-                                model_max_length=77) for pad in ("<|endoftext|>", "!")]
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionXLPipeline(vae=AutoencoderKL(**VAE, scaling_factor=0.13025), text_encoder=text,
-                                     text_encoder_2=text_2, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet,
-                                     scheduler=scheduler)
+    return StableDiffusionXLPipeline(**(make_pipeline().components | dict(unet=unet, text_encoder=text,
+                                                                          text_encoder_2=text_2)))
 
 
 def _fused_weights(pipe):
@@ -256,16 +239,13 @@ PROMPT = "a photo of sks dog"
 
 
 @pytest.fixture(scope="module")
-def tiny_xl(tmp_path_factory):
-    pytest.importorskip("diffusers")
-    root = tmp_path_factory.mktemp("tiny_sdxl")
-    pipe = _pipeline(*_sdxl_modules())
-    pipe.save_pretrained(root / "folder", safe_serialization=True)
-    return dict(pipe=pipe, folder=root / "folder", images=synthetic_images(root / "images"))
+def tiny_xl(tiny_sdxl, tmp_path_factory):
+    """The session's tiny SDXL (diffusers folder and sgm single file) and three photos."""
+    return dict(tiny_sdxl, images=synthetic_images(tmp_path_factory.mktemp("sdxl_photos")))
 
 
-def _xl_config(tmp_path, tiny, **kw):
-    return config(tmp_path, tiny["folder"], images=str(tiny["images"]), **kw)
+def _xl_config(tmp_path, tiny, layout="folder", **kw):
+    return config(tmp_path, tiny[layout], images=str(tiny["images"]), **kw)
 
 
 def xl_denoising_loss(folder, lora, images_dir, resolution=32, seed=123):
@@ -292,24 +272,32 @@ def xl_denoising_loss(folder, lora, images_dir, resolution=32, seed=123):
 
 
 def test_sdxl_training_lowers_the_denoising_loss(tiny_xl, tmp_path):
+    """LoRA and LoCon (the res blocks' convolutions: kohya's in_layers_2 / out_layers_3 names) on the tiny SDXL;
+    measured 1.149 -> 0.664 (attention and MLP alone plateau at 1.00 on this 4 x 4-latent model)."""
+    from dreambooth_min.lora_file import load_lora
     from dreambooth_min.training import train
 
     cfg = _xl_config(tmp_path, tiny_xl, steps=100, lr=1e-2, prior_weight=0.0, rank=8, flip=False,
-                     lora_targets=("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"))
+                     lora_targets=("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                                   "conv1", "conv2"))
     before = xl_denoising_loss(tiny_xl["folder"], None, cfg.images)
     result = train(cfg)
     after = xl_denoising_loss(tiny_xl["folder"], result["lora"], cfg.images)
     print(f"SDXL denoising loss {before:.4f} -> {after:.4f}")
-    assert after < 0.85 * before, (before, after)
+    assert after < 0.8 * before, (before, after)
+    names = load_lora(result["lora"])[0]
+    assert "lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight" in names  # down_blocks.0.resnets.0.conv1
+    assert "lora_unet_output_blocks_8_0_out_layers_3.lora_up.weight" in names  # up_blocks.2.resnets.2.conv2
 
 
 def test_sdxl_resume_is_byte_identical_and_trains_both_text_encoders(tiny_xl, tmp_path):
-    """Prior preservation (class images drawn by the frozen SDXL), --train-text-encoder: an interrupted and
-    resumed run writes the same LoRA file, byte for byte, as an uninterrupted one; te1 and te2 both learnt."""
+    """The sgm single file, prior preservation (class images drawn by the frozen SDXL), --train-text-encoder: an
+    interrupted and resumed run writes the same LoRA file, byte for byte, as an uninterrupted one; te1 and te2
+    both learnt."""
     from dreambooth_min.lora_file import load_lora
     from dreambooth_min.training import train
 
-    kw = dict(steps=4, train_text_encoder=True, rank=2, class_dir=str(tmp_path / "class"))
+    kw = dict(steps=4, train_text_encoder=True, rank=2, class_dir=str(tmp_path / "class"), layout="single")
     a = train(_xl_config(tmp_path / "a", tiny_xl, **kw))
     cfg = _xl_config(tmp_path / "b", tiny_xl, **kw)
     assert train(cfg, stop_after=2)["interrupted"]
@@ -318,7 +306,7 @@ def test_sdxl_resume_is_byte_identical_and_trains_both_text_encoders(tiny_xl, tm
     tensors, meta = load_lora(a["lora"])
     # Every layer of each part learnt, but CLIP-L's last one: SDXL reads its penultimate states, so that layer
     # gets no gradient (bigG's last layer feeds the pooled vector, so it learns).
-    last_te1 = "lora_te1_text_model_encoder_layers_1_"
+    last_te1 = "lora_te1_text_model_encoder_layers_2_"
     for part in ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_", "lora_te1_", "lora_te2_"):
         ups = [v for k, v in tensors.items() if k.startswith(part) and k.endswith("lora_up.weight")
                and not k.startswith(last_te1)]
