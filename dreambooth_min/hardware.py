@@ -39,7 +39,9 @@ class Hardware:
         SDXL's VAE overflows fp16 (NaN latents, black images) where SD 1.x / 2.x's does not."""
         if vae_precision:
             return DTYPES[vae_precision]
-        return torch.float32 if version == "sdxl" and self.precision == "fp16" else self.dtype
+        from .checkpoint_sdxl import vae_dtype  # the loader's rule, so that train.py and sample.py agree
+
+        return vae_dtype(self.dtype) if version == "sdxl" else self.dtype
 
     def grad_scaler(self):
         """Loss scaling, needed for fp16 only (bf16 has fp32's exponent range)."""
