@@ -121,6 +121,28 @@ def test_kohya_sdxl_names():
     assert tensors["lora_te2_text_model_encoder_layers_0_self_attn_out_proj.alpha"].item() == 3.0
 
 
+def test_kohya_names_at_the_released_shape_name_real_tensors():
+    """At the released SDXL shape (every LoCon-able layer wrapped, on the meta device), each lora_unet_ name is a
+    tensor of sd_xl_base_1.0.safetensors (tests/data/sdxl_keys.json) with '.' -> '_': what ComfyUI and A1111 match."""
+    import json
+    from pathlib import Path
+
+    from dreambooth_min.lora import CONV_TARGETS, UNET_TARGETS, inject_lora
+    from dreambooth_min.lora_file import kohya_name, kohya_unet_paths
+    from dreambooth_min.unet import UNet2DConditionModel, UNetConfig
+
+    real = json.loads((Path(__file__).parent / "data" / "sdxl_keys.json").read_text())
+    ldm = {kohya_name(k[len("model.diffusion_model."):-len(".weight")], "unet")
+           for k in real if k.startswith("model.diffusion_model.") and k.endswith(".weight")}
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(UNetConfig.sdxl())
+        loras = inject_lora(unet, UNET_TARGETS + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2") + CONV_TARGETS, 4)
+    paths = kohya_unet_paths(unet)
+    names = {kohya_name(paths[p], "unet") for p in loras}
+    assert len(names) == len(loras) == 771 and names <= ldm, sorted(names - ldm)[:3]
+    assert "lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_k" in names  # level 2: 10 blocks deep
+
+
 def _pipeline(unet, text, text_2):
     """The tiny SDXL pipeline (VAE, tokenizers, DDIM) around these three modules."""
     from diffusers import StableDiffusionXLPipeline
