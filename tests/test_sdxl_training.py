@@ -295,11 +295,11 @@ def xl_denoising_loss(folder, lora, images_dir, resolution=32, seed=123):
 
 def test_sdxl_training_lowers_the_denoising_loss(tiny_xl, tmp_path):
     """LoRA and LoCon (the res blocks' convolutions: kohya's in_layers_2 / out_layers_3 names) on the tiny SDXL;
-    measured 1.149 -> 0.664 (attention and MLP alone plateau at 1.00 on this 4 x 4-latent model)."""
+    measured 1.149 -> 0.719 in 50 steps (attention and MLP alone plateau at 1.00 on this 4 x 4-latent model)."""
     from dreambooth_min.lora_file import load_lora
     from dreambooth_min.training import train
 
-    cfg = _xl_config(tmp_path, tiny_xl, steps=100, lr=1e-2, prior_weight=0.0, rank=8, flip=False,
+    cfg = _xl_config(tmp_path, tiny_xl, steps=50, lr=1e-2, prior_weight=0.0, rank=8, flip=False,
                      lora_targets=("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                                    "conv1", "conv2"))
     before = xl_denoising_loss(tiny_xl["folder"], None, cfg.images)
