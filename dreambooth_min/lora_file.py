@@ -5,9 +5,12 @@ File format we write (kohya / A1111 / ComfyUI / diffusers all read it):
         k x k convs, LoCon: [r, in, k, k])
     lora_unet_<...>.lora_up.weight [out, r] (convs: [out, r, 1, 1]),  lora_unet_<...>.alpha (0-d)
     lora_te_text_model_<path inside CLIPTextModel>.*  for the text encoder.
+SDXL files (kohya sd-scripts' SDXL networks, as ComfyUI and A1111 read them) name UNet layers by their LDM paths
+(lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q) and the two text encoders lora_te1_ (CLIP-L) and
+lora_te2_ (OpenCLIP bigG in transformers' names); the metadata names the family (ss_base_model_version).
 What we read besides (other people's LoRAs): kohya files with LDM names (lora_unet_input_blocks_1_1_...),
 without alpha, with fp16/bf16 factors, LoCon with a CP-decomposed lora_mid; diffusers / peft files
-(unet.<path>.lora_A.weight / lora_B.weight, text_encoder.<path>..., the older
+(unet.<path>.lora_A.weight / lora_B.weight, text_encoder.<path>..., SDXL's text_encoder_2.<path>..., the older
 <attn>.processor.to_q_lora.down.weight form), their alpha from `.alpha` keys or from the
 `lora_adapter_metadata` JSON that diffusers writes (peft LoraConfig fields per component: r,
 lora_alpha, rank_pattern, alpha_pattern, use_rslora).
