@@ -1,4 +1,4 @@
-"""Make images with a Stable Diffusion 1.x / 2.x checkpoint (optionally with a LoRA) and the DDIM sampler.
+"""Make images with a Stable Diffusion 1.x / 2.x / XL checkpoint (optionally with a LoRA) and the DDIM sampler.
 
     python sample.py --model weights/v1-5-pruned-emaonly.safetensors --prompt "a photo of sks dog" --out out.png
 
@@ -25,18 +25,20 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a .safetensors checkpoint, a diffusers folder, a Hugging Face Hub repo id "
                                    "(owner/name or owner/name/file.safetensors; downloaded once into the Hugging Face "
-                                   "cache) or a short name: sd15, sd21, sd21-base (default: the one model in weights/, "
+                                   "cache) or a short name: sd15, sd21, sd21-base, sdxl (default: the one model in weights/, "
                                    "else sd15)")
     p.add_argument("--revision", help="branch, tag or commit of a Hub --model (default: main)")
     p.add_argument("--prompt", required=True, help="what to draw; may be empty")
-    p.add_argument("--negative-prompt", default="", help="what to steer away from (default: empty)")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (default: empty; for SDXL an "
+                                                          "empty one is zero embeddings, as diffusers)")
     p.add_argument("--out", default="out.png", help="output PNG (default: out.png)")
     p.add_argument("--num-images", type=int, default=1, help="images to make, seeds seed, seed+1, ... (default: 1)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
     p.add_argument("--guidance", type=float, default=7.5,
                    help="classifier-free guidance scale; <= 1 turns it off (default: 7.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default: 0)")
-    p.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: 768 for SD 2.x v-models, else 512)")
+    p.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: 1024 for SDXL, 768 for SD 2.x "
+                                               "v-models, else 512)")
     p.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: as --height's default)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like noise (default: 0)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",

@@ -295,3 +295,35 @@ def test_generate_matches_diffusers(tiny_sdxl, layout, negative):
     print(f"max |diff| {diff.max()}/255, {np.mean(diff > 0):.2%} of values differ")
     assert ours.shape == ref.shape == (64, 96, 3)
     assert diff.max() <= 2 and np.mean(diff > 0) < 0.05 and ref.std() > 20
+
+
+# ---------------------------------------------------------------------------------------------------
+# --model sdxl: the Hub repo and the files fetched from it
+
+# stabilityai/stable-diffusion-xl-base-1.0's file list (the parts that matter: onnx/openvino exports, single files,
+# the fp16 variants and the second VAE folder are all there).
+SDXL_REPO = ["model_index.json", "scheduler/scheduler_config.json", "sd_xl_base_1.0.safetensors",
+             "sd_xl_base_1.0_0.9vae.safetensors", "sd_xl_offset_example-lora_1.0.safetensors"] + [
+    f"{sub}/{f}" for sub in ("tokenizer", "tokenizer_2")
+    for f in ("merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json")] + [
+    f"{sub}/{f}" for sub, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                                   ("vae_1_0", "diffusion_pytorch_model"), ("text_encoder", "model"),
+                                   ("text_encoder_2", "model"))
+    for f in ("config.json", f"{stem}.safetensors", f"{stem}.fp16.safetensors", "model.onnx", "openvino_model.bin")]
+
+
+@pytest.mark.parametrize("fp16", [True, False])
+def test_sdxl_short_name_and_files(fp16):
+    from dreambooth_min import hub
+
+    assert hub.parse_spec("sdxl") == ("stabilityai/stable-diffusion-xl-base-1.0", None)
+    chosen = hub.choose_files(SDXL_REPO, "stabilityai/stable-diffusion-xl-base-1.0", prefer_fp16=fp16)
+    weights = [f for f in chosen if f.endswith(".safetensors")]
+    variant = ".fp16" if fp16 else ""
+    assert weights == [f"unet/diffusion_pytorch_model{variant}.safetensors", f"vae/diffusion_pytorch_model{variant}.safetensors",
+                       f"text_encoder/model{variant}.safetensors", f"text_encoder_2/model{variant}.safetensors"]
+    assert {"tokenizer_2/vocab.json", "tokenizer_2/merges.txt", "text_encoder_2/config.json"} <= set(chosen)
+    assert not any(f.startswith("vae_1_0/") or f.endswith((".onnx", ".bin")) for f in chosen)
+    refiner = [f for f in SDXL_REPO if not f.startswith(("text_encoder/", "tokenizer/"))]
+    with pytest.raises(UserError, match="not a Stable Diffusion 1.x/2.x/XL base model: it has no text_encoder/"):
+        hub.choose_files(refiner, "stabilityai/stable-diffusion-xl-refiner-1.0", prefer_fp16=fp16)
