@@ -343,3 +343,11 @@ def test_sample_cli_makes_the_generate_image(tiny_sdxl, tmp_path):
     want = generate(load(tiny_sdxl["single"]), PROMPTS[0], steps=3, seed=5, height=64, width=96, progress=False)[0]
     assert np.array_equal(np.asarray(image), np.asarray(want))
     assert "Size: 96x64" in image.text["parameters"] and "Model: tiny-sdxl" in image.text["parameters"]
+
+
+def test_full_shape_parity_script_runs_at_toy_size(capsys):
+    """benchmarks/sdxl_parity.py (the full-shape check the GPU machine runs) stays in working order."""
+    from benchmarks.sdxl_parity import main
+
+    assert main(["--small", "--resolution", "32"]) == 0
+    assert "OK: 4/4 within 0.0001" in capsys.readouterr().out
