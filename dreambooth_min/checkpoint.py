@@ -306,9 +306,9 @@ def convert_open_clip(tensors, drop_last=True):
 
     SD 2.x uses the output of resblock L-2 followed by ln_final, so the last resblock is dropped and the
     result is an (L-1)-layer CLIPTextModel whose final_layer_norm is ln_final (`drop_last=False` keeps it:
-    SDXL's pooled output runs every layer). nn.MultiheadAttention
-    stores q, k, v stacked in `in_proj_*` [3D, D]; CLIP keeps them as separate Linear layers.
-    text_projection and logit_scale (contrastive head) are not used for conditioning.
+    SDXL's pooled output runs every layer). nn.MultiheadAttention stores q, k, v stacked in `in_proj_*`
+    [3D, D]; CLIP keeps them as separate Linear layers. text_projection and logit_scale (contrastive head)
+    are dropped here (SDXL's projection: checkpoint_sdxl.convert_open_clip_with_projection).
     """
     blocks = sorted({int(m.group(1)) for k in tensors if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k))})
     if not blocks or "token_embedding.weight" not in tensors:
@@ -364,7 +364,7 @@ def _load_text(text_tensors, version, dtype, device, config=None, cls=None):
 def _load_single_file(path, dtype, device):
     f = SafetensorsFile(path)
     shapes = f.shapes
-    if any(k.startswith("lora_unet_") or k.startswith("lora_te_") for k in shapes):
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in shapes):
         raise UserError(f"{path} is a LoRA file, not a model: pass it with --lora")
     is_xl = sdxl.single_file_family(path, shapes) == "sdxl"  # refuses the refiner, SD3, Flux
     part = lambda prefix: {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}

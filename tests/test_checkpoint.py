@@ -188,8 +188,8 @@ def test_missing_misshaped_and_unknown_tensors(tiny_sd1, tmp_path):
     with pytest.raises(UserError, match="not a Stable Diffusion checkpoint"):
         load(f)
     f = _rewrite(tiny_sd1["single"], tmp_path / "d.safetensors",
-                 lambda t: t.__setitem__("conditioner.embedders.0.transformer.x", torch.zeros(1)))
-    with pytest.raises(UserError, match="SDXL"):
+                 lambda t: t.__setitem__("conditioner.embedders.0.model.ln_final.weight", torch.zeros(1)))
+    with pytest.raises(UserError, match="SDXL refiner"):
         load(f)
     f = _rewrite(tiny_sd1["single"], tmp_path / "e.safetensors",
                  lambda t: t.__setitem__("lora_unet_down_blocks_0_x.lora_down.weight", torch.zeros(1)))

@@ -327,3 +327,27 @@ def test_sdxl_short_name_and_files(fp16):
     refiner = [f for f in SDXL_REPO if not f.startswith(("text_encoder/", "tokenizer/"))]
     with pytest.raises(UserError, match="not a Stable Diffusion 1.x/2.x/XL base model: it has no text_encoder/"):
         hub.choose_files(refiner, "stabilityai/stable-diffusion-xl-refiner-1.0", prefer_fp16=fp16)
+
+
+def test_sample_cli_makes_the_generate_image(tiny_sdxl, tmp_path):
+    import sample
+    from PIL import Image
+
+    from dreambooth_min.sampling import generate
+
+    out = tmp_path / "x.png"
+    args = ["--model", str(tiny_sdxl["single"]), "--prompt", PROMPTS[0], "--out", str(out), "--steps", "3",
+            "--height", "64", "--width", "96", "--seed", "5", "--device", "cpu", "--no-progress"]
+    assert sample.main(args) == 0
+    image = Image.open(out)
+    want = generate(load(tiny_sdxl["single"]), PROMPTS[0], steps=3, seed=5, height=64, width=96, progress=False)[0]
+    assert np.array_equal(np.asarray(image), np.asarray(want))
+    assert "Size: 96x64" in image.text["parameters"] and "Model: tiny-sdxl" in image.text["parameters"]
+
+
+def test_full_shape_parity_script_runs_at_toy_size(capsys):
+    """benchmarks/sdxl_parity.py (the full-shape check the GPU machine runs) stays in working order."""
+    from benchmarks.sdxl_parity import main
+
+    assert main(["--small", "--resolution", "32"]) == 0
+    assert "OK: 4/4 within 0.0001" in capsys.readouterr().out
