@@ -1,4 +1,4 @@
-"""Make images with a Stable Diffusion 1.x / 2.x checkpoint (optionally with a LoRA) and the DDIM sampler.
+"""Make images with a Stable Diffusion 1.x / 2.x / XL checkpoint (optionally with a LoRA) and the DDIM sampler.
 
     python sample.py --model weights/v1-5-pruned-emaonly.safetensors --prompt "a photo of sks dog" --out out.png
 
@@ -26,22 +26,25 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a .safetensors checkpoint, a diffusers folder, a Hugging Face Hub repo id "
                                    "(owner/name or owner/name/file.safetensors; downloaded once into the Hugging Face "
-                                   "cache) or a short name: sd15, sd21, sd21-base (default: the one model in weights/, "
+                                   "cache) or a short name: sd15, sd21, sd21-base, sdxl (default: the one model in weights/, "
                                    "else sd15)")
     p.add_argument("--revision", help="branch, tag or commit of a Hub --model (default: main)")
     p.add_argument("--prompt", required=True, help="what to draw; may be empty")
-    p.add_argument("--negative-prompt", default="", help="what to steer away from (default: empty)")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (default: empty; for SDXL an "
+                                                          "empty one is zero embeddings, as diffusers)")
     p.add_argument("--out", default="out.png", help="output PNG (default: out.png)")
     p.add_argument("--num-images", type=int, default=1, help="images to make, seeds seed, seed+1, ... (default: 1)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
     p.add_argument("--guidance", type=float, default=7.5,
                    help="classifier-free guidance scale; <= 1 turns it off (default: 7.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default: 0)")
-    p.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: 768 for SD 2.x v-models, else 512)")
+    p.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: 1024 for SDXL, 768 for SD 2.x "
+                                               "v-models, else 512)")
     p.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: as --height's default)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like noise (default: 0)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="a LoRA .safetensors file (kohya LoRA / LoCon, or diffusers / peft) and its strength, e.g. "
+                   help="a LoRA .safetensors file (kohya LoRA / LoCon, or diffusers / peft; SD 1.x / 2.x or SDXL, "
+                        "matching --model) and its strength, e.g. "
                         "style.safetensors:0.8; repeat to combine several (default strength: --lora-scale)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="strength of a --lora without :SCALE (default: 1.0)")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
@@ -84,7 +87,7 @@ def run(args):
         print(f"warning: {model_path} is {sd.random_note}", file=sys.stderr)
     for path, scale in loras:  # merged one after another: W + sum_i scale_i (alpha_i / r_i) B_i A_i
         tensors, metadata = load_lora(path)
-        apply_lora(sd.unet, sd.text_encoder, tensors, scale=scale, metadata=metadata)
+        apply_lora(sd.unet, sd.text_encoder, tensors, scale=scale, metadata=metadata, text_encoder_2=sd.text_encoder_2)
     lora = lora_label(loras)
     height = sd.default_resolution if args.height is None else args.height
     width = sd.default_resolution if args.width is None else args.width

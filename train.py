@@ -1,6 +1,7 @@
 """Teach Stable Diffusion one subject from a few photos: DreamBooth + LoRA.
 
     python train.py --images data/dog --class-noun dog
+    python train.py --images data/dog --class-noun dog --model sdxl   # SDXL, 1024 px (docs/sdxl-training.md)
     python train.py --resume runs/20261125-101500        # continue an interrupted run
 
 Writes <output>/lora.safetensors (kohya format: loads in sample.py, AUTOMATIC1111, ComfyUI, diffusers),

@@ -1,7 +1,7 @@
 """The GPU speed and memory table for one DreamBooth-LoRA training step, ours against diffusers + peft.
 
-    python -m benchmarks.gpu                 # SD 1.5 (512 px) and SD 2.1-v (768 px) UNets, on CUDA
-    python -m benchmarks.gpu --models sd1 --steps 10
+    python -m benchmarks.gpu                 # SD 1.5 (512 px), SD 2.1-v (768 px) and SDXL (1024 px) UNets, on CUDA
+    python -m benchmarks.gpu --models sdxl --steps 10
     python -m benchmarks.gpu --smoke         # the same code on tiny UNets on the CPU (what the tests run)
 
 Random weights with the real UNet shapes (nothing is downloaded): our `UNetConfig.sd1()` / `.sd2()` and
@@ -14,7 +14,9 @@ step. Rows, each adding to the fp16 setting of the seed's table:
   fp16 + xformers            xformers' memory_efficient_attention (n/a when xformers is not installed)
   fp16 + SDPA + grad ckpt    gradient checkpointing
   ... + 8-bit AdamW          bitsandbytes' AdamW8bit (n/a without bitsandbytes or CUDA)
-and DDIM sampling (classifier-free guidance: UNet batch 2) in fp16 + SDPA (fp32 on the CPU).
+and DDIM sampling (classifier-free guidance: UNet batch 2) in fp16 + SDPA (fp32 on the CPU). The SDXL UNet
+(2.6 G parameters, latent 128 x 128, conditioned on the pooled text and six size ids besides the text states)
+gets the rows that fit a 24-80 GiB card, `SDXL_ROWS`: fp16 + SDPA without and with gradient checkpointing.
 Columns: steps (or DDIM iterations) per second over `--steps` timed steps after `--warmup`, and the peak
 memory of the whole configuration (weights, LoRA, optimizer state, activations): torch.cuda.max_memory_allocated
 on CUDA, the peak resident-set growth on the CPU. Needs diffusers and peft (the test dependencies).
@@ -42,12 +44,19 @@ ROWS = [("fp32", "fp32", "math", False, "adamw"),
         ("fp16 + xformers", "fp16", "xformers", False, "adamw"),
         ("fp16 + SDPA + grad ckpt", "fp16", "sdpa", True, "adamw"),
         ("fp16 + SDPA + grad ckpt + 8-bit AdamW", "fp16", "sdpa", True, "adamw8bit")]
+SDXL_ROWS = [row for row in ROWS if row[0] in ("fp16 + SDPA", "fp16 + SDPA + grad ckpt")]
 SAMPLE_ROW = "DDIM sampling, CFG (it/s)"
 TOOLS = ("ours", "diffusers")
 
 
-def tiny_config(sd2=False):
-    """A two-level UNet with SD's topology (attention, then none), small enough for a CPU test."""
+def tiny_config(sd2=False, sdxl=False):
+    """A two-level UNet with SD's topology (attention, then none; SDXL: none, then two transformer blocks),
+    small enough for a CPU test."""
+    if sdxl:
+        return UNetConfig(block_out_channels=(32, 64), attention_levels=(False, True), num_attention_heads=(1, 2),
+                          num_head_channels=(32, 32), cross_attention_dim=64, use_linear_projection=True,
+                          layers_per_block=1, transformer_layers_per_block=(1, 2), addition_embed_type="text_time",
+                          addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
     if sd2:
         return UNetConfig(block_out_channels=(32, 64), attention_levels=(True, False), num_attention_heads=(1, 2),
                           num_head_channels=(32, 32), cross_attention_dim=64, use_linear_projection=True,
@@ -58,14 +67,22 @@ def tiny_config(sd2=False):
 
 # name: (title, config, image side in pixels)
 MODELS = {"sd1": ("SD 1.5 UNet, 512 px", UNetConfig.sd1, 512),
-          "sd2": ("SD 2.1-v UNet, 768 px", UNetConfig.sd2, 768)}
+          "sd2": ("SD 2.1-v UNet, 768 px", UNetConfig.sd2, 768),
+          "sdxl": ("SDXL UNet, 1024 px", UNetConfig.sdxl, 1024)}
 SMOKE_MODELS = {"tiny-sd1": ("tiny SD1-like UNet, 64 px", tiny_config, 64),
-                "tiny-sd2": ("tiny SD2-like UNet, 64 px", lambda: tiny_config(sd2=True), 64)}
+                "tiny-sd2": ("tiny SD2-like UNet, 64 px", lambda: tiny_config(sd2=True), 64),
+                "tiny-sdxl": ("tiny SDXL-like UNet, 64 px", lambda: tiny_config(sdxl=True), 64)}
+
+
+def is_sdxl(cfg):
+    return cfg.addition_embed_type == "text_time"
 
 
 def diffusers_config(cfg, sample_size):
     """diffusers UNet2DConditionModel kwargs for our UNetConfig (its `attention_head_dim` is the head count)."""
-    return dict(sample_size=sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+    sdxl = dict(addition_embed_type="text_time", addition_time_embed_dim=cfg.addition_time_embed_dim,
+                projection_class_embeddings_input_dim=cfg.projection_class_embeddings_input_dim) if is_sdxl(cfg) else {}
+    return sdxl | dict(sample_size=sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
                 block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
                 down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels),
                 up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels)),
@@ -95,6 +112,9 @@ def build(tool, cfg, pixels, weights, device, dtype):
     if tool == "ours":
         unet = ours_from(unet, UNet2DConditionModel, cfg)
         return unet, lambda x, t, c: unet(x, t, c)
+    if is_sdxl(cfg):  # the pooled text and the size ids go in as diffusers' added_cond_kwargs
+        return unet, lambda x, t, c: unet(x, t, encoder_hidden_states=c.context,
+                                          added_cond_kwargs={"text_embeds": c.pooled, "time_ids": c.time_ids}).sample
     return unet, lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample
 
 
@@ -192,7 +212,7 @@ def training_step(forward, params, device, precision, optimizer_name, batch):
 
     def step():
         with torch.autocast(device, dtype=dtype, enabled=precision != "fp32"):
-            pred = forward(x.to(dtype), t, ctx.to(dtype))
+            pred = forward(x.to(dtype), t, ctx.to(dtype=dtype))
         loss = F.mse_loss(pred.float(), noise)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -204,11 +224,19 @@ def training_step(forward, params, device, precision, optimizer_name, batch):
 
 
 def make_batch(cfg, pixels, device, seed=0):
-    """Instance + class latents, their noise, two timesteps and two text contexts (batch 2)."""
+    """Instance + class latents, their noise, two timesteps and two text contexts (batch 2); SDXL: a Cond that
+    adds the pooled text and each row's size ids (a 3:2 photo, then an uncropped class image)."""
     g = torch.Generator().manual_seed(seed)
     side = pixels // 8
     x, noise = (torch.randn(2, cfg.in_channels, side, side, generator=g).to(device) for _ in range(2))
     ctx = torch.randn(2, 77, cfg.cross_attention_dim, generator=g).to(device)
+    if is_sdxl(cfg):
+        from dreambooth_min.conditioning import Cond
+        from dreambooth_min.data import photo_time_ids
+
+        pooled = torch.randn(2, cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim,
+                             generator=g)
+        ctx = Cond(ctx, pooled.to(device), photo_time_ids([(1536, 1024), (pixels, pixels)], pixels).to(device))
     return x, noise, torch.tensor([10, 900], device=device), ctx
 
 
@@ -311,11 +339,13 @@ def run_model(name, models, a):
     cfg = make_cfg()
     model = (cfg, pixels, random_weights(cfg, pixels, a.device))
     results = {}
-    for row in ROWS:
+    for row in SDXL_ROWS if is_sdxl(cfg) else ROWS:
         results[row[0]] = tuple(guarded(train_row, tool, model, row, a) for tool in TOOLS)
-    results[SAMPLE_ROW] = tuple(guarded(sample_row, tool, model, a) for tool in TOOLS)
+    if not is_sdxl(cfg):
+        results[SAMPLE_ROW] = tuple(guarded(sample_row, tool, model, a) for tool in TOOLS)
     side = pixels // 8
-    print_table(f"{title} (latent {side}x{side}), LoRA rank 4, batch 2; DDIM {a.sample_steps} steps", results)
+    sampling = "" if is_sdxl(cfg) else f"; DDIM {a.sample_steps} steps"
+    print_table(f"{title} (latent {side}x{side}), LoRA rank 4, batch 2{sampling}", results)
     return results
 
 
@@ -328,7 +358,8 @@ def describe(device):
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="sd1,sd2", help="comma-separated: sd1, sd2 (smoke: tiny-sd1, tiny-sd2)")
+    p.add_argument("--models", default="sd1,sd2,sdxl", help="comma-separated: sd1, sd2, sdxl (smoke: tiny-sd1, "
+                                                             "tiny-sd2, tiny-sdxl)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps per configuration")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (kernels, allocator, GradScaler)")
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the sampling row")
@@ -338,7 +369,7 @@ def parse(argv=None):
     if a.smoke:
         a.device, a.steps, a.warmup, a.sample_steps, a.repeats = "cpu", 2, 1, 3, 1
         torch.set_num_threads(1)  # tiny tensors: more threads only wait on each other
-        if a.models == "sd1,sd2":
+        if a.models == "sd1,sd2,sdxl":
             a.models = ",".join(SMOKE_MODELS)
     else:
         a.device = "cuda"

@@ -1,4 +1,4 @@
-"""dreambooth_min: DreamBooth + LoRA fine-tuning for Stable Diffusion 1.x and 2.x, from scratch.
+"""dreambooth_min: DreamBooth + LoRA fine-tuning for Stable Diffusion 1.x, 2.x and XL, from scratch.
 
 `load` is imported lazily so that `import dreambooth_min.scheduler` stays light (no transformers).
 """

@@ -1,4 +1,4 @@
-"""Load Stable Diffusion 1.x / 2.x checkpoints into our modules.
+"""Load Stable Diffusion 1.x / 2.x / XL checkpoints into our modules (what SDXL adds: checkpoint_sdxl.py).
 
 Two layouts are read:
 - a single `.safetensors` file in the original LDM layout (what A1111 and ComfyUI load), whose keys are
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint_sdxl as sdxl
 from .errors import UserError
 from .model import RANDOM_NOTE, StableDiffusion
 from .safetensors_io import PICKLE_HINT, SafetensorsFile
@@ -59,6 +60,8 @@ def unet_rename_table(cfg):
              ("middle_block.0.", "mid_block.resnets.0.", UNET_RESNET_RENAMES),
              ("middle_block.1.", "mid_block.attentions.0.", []),
              ("middle_block.2.", "mid_block.resnets.1.", UNET_RESNET_RENAMES)]
+    if cfg.addition_embed_type == "text_time":
+        table += sdxl.UNET_ADD_EMBEDDING_ROWS
     for level in range(levels):
         for j in range(n):
             k = 1 + (n + 1) * level + j
@@ -134,11 +137,12 @@ def _indices(shapes, pattern):
     return sorted({int(m.group(1)) for k in shapes if (m := re.match(pattern, k))})
 
 
-def infer_unet_config(shapes, num_heads=None, num_head_channels=None):
+def infer_unet_config(shapes, num_heads=None, num_head_channels=None, pooled_dim=None):
     """UNetConfig from the shapes of the `model.diffusion_model.*` tensors (prefix removed).
 
     No tensor holds the head count: LDM's `num_head_channels` (width of a head) or else `num_heads`
-    decide it when given, otherwise the released configs' rule (see the module docstring).
+    decide it when given, otherwise the released configs' rule (see the module docstring). SDXL's
+    `label_emb` input is [pooled; 6 sinusoids]: `pooled_dim` (text encoder 2's projection) gives their width.
     """
     try:
         conv_in, conv_out = shapes["input_blocks.0.0.weight"], shapes["out.2.weight"]
@@ -151,14 +155,21 @@ def infer_unet_config(shapes, num_heads=None, num_head_channels=None):
         attention = tuple(f"input_blocks.{k}.1.proj_in.weight" in shapes for k in first)
         proj_in = shapes["middle_block.1.proj_in.weight"]
         context = shapes["middle_block.1.transformer_blocks.0.attn2.to_k.weight"][1]
-        depth = len(_indices(shapes, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+        mid_depth = len(_indices(shapes, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+        depth = tuple(len(_indices(shapes, rf"input_blocks\.{k}\.1\.transformer_blocks\.(\d+)\.")) if a else 1
+                      for k, a in zip(first, attention))
         # Inner attention width per level: from to_q where the level has attention, else its channels.
         inner = [shapes[f"input_blocks.{k}.1.transformer_blocks.0.attn1.to_q.weight"][0] if a else c
                  for k, a, c in zip(first, attention, channels)]
         inner[-1] = shapes["middle_block.1.transformer_blocks.0.attn1.to_q.weight"][0]  # the mid block's
     except KeyError as e:
         raise UserError(f"unknown UNet architecture: tensor {UNET_PREFIX}{e.args[0]} not found "
-                        "(only Stable Diffusion 1.x and 2.x UNets are supported)") from None
+                        "(only Stable Diffusion 1.x, 2.x and XL UNets are supported)") from None
+    if attention[-1] and depth[-1] != mid_depth:  # diffusers' mid block takes the last level's depth
+        raise UserError(f"unknown UNet architecture: mid block depth {mid_depth}, last level's {depth[-1]}")
+    depth = depth[:-1] + (mid_depth,)  # a last level without attention: its slot is the mid block's depth
+    depth = depth[0] if len(set(depth)) == 1 else depth
+    add = _add_embedding(shapes, pooled_dim)
     linear = len(proj_in) == 2
     if num_head_channels is None and num_heads is None:
         num_head_channels, num_heads = (64, None) if linear else (None, 8)  # SD 2.x / SD 1.x
@@ -170,8 +181,20 @@ def infer_unet_config(shapes, num_heads=None, num_head_channels=None):
         in_channels=conv_in[1], out_channels=conv_out[0], block_out_channels=channels, layers_per_block=n,
         attention_levels=attention, num_attention_heads=tuple(d // h for d, h in zip(inner, head_dim)),
         num_head_channels=tuple(head_dim), cross_attention_dim=context, use_linear_projection=linear,
-        upcast_attention=linear,  # SD 2.x overflows fp16 in Q K^T; upcasting costs nothing in fp32
-        transformer_layers_per_block=depth)
+        upcast_attention=linear and not add,  # SD 2.x overflows fp16 in Q K^T (SDXL's config does not upcast)
+        transformer_layers_per_block=depth, **add)
+
+
+def _add_embedding(shapes, pooled_dim):
+    """SDXL's text_time settings from `label_emb` ({} without one): its input is pooled + 6 * sinusoid width."""
+    if "label_emb.0.0.weight" not in shapes:
+        return {}
+    width = shapes["label_emb.0.0.weight"][1]
+    if pooled_dim is None or (width - pooled_dim) % 6 or width <= pooled_dim:
+        raise UserError(f"unknown UNet architecture: label_emb input {width} is not pooled text {pooled_dim} + 6 "
+                        "size embeddings (an SDXL refiner, or a class-conditional UNet?)")
+    return dict(addition_embed_type="text_time", addition_time_embed_dim=(width - pooled_dim) // 6,
+                projection_class_embeddings_input_dim=width)
 
 
 def infer_vae_config(shapes):
@@ -274,21 +297,23 @@ def match_text_prefix(tensors, model):
     `text_model.encoder...`, transformers 5's CLIPTextModel says `encoder...`. Drops `position_ids`,
     a constant arange that transformers 5 no longer saves (non-persistent buffer)."""
     prefix = "text_model." if any(k.startswith("text_model.") for k in model.state_dict()) else ""
-    return {prefix + k.removeprefix("text_model."): v for k, v in tensors.items() if not k.endswith("position_ids")}
+    ours = lambda k: k if k.startswith("text_projection.") else prefix + k.removeprefix("text_model.")
+    return {ours(k): v for k, v in tensors.items() if not k.endswith("position_ids")}
 
 
-def convert_open_clip(tensors):
+def convert_open_clip(tensors, drop_last=True):
     """OpenCLIP text-tower tensors (keys without `cond_stage_model.model.`) -> CLIPTextModel tensors.
 
     SD 2.x uses the output of resblock L-2 followed by ln_final, so the last resblock is dropped and the
-    result is an (L-1)-layer CLIPTextModel whose final_layer_norm is ln_final. nn.MultiheadAttention
-    stores q, k, v stacked in `in_proj_*` [3D, D]; CLIP keeps them as separate Linear layers.
-    text_projection and logit_scale (contrastive head) are not used for conditioning.
+    result is an (L-1)-layer CLIPTextModel whose final_layer_norm is ln_final (`drop_last=False` keeps it:
+    SDXL's pooled output runs every layer). nn.MultiheadAttention stores q, k, v stacked in `in_proj_*`
+    [3D, D]; CLIP keeps them as separate Linear layers. text_projection and logit_scale (contrastive head)
+    are dropped here (SDXL's projection: checkpoint_sdxl.convert_open_clip_with_projection).
     """
     blocks = sorted({int(m.group(1)) for k in tensors if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k))})
     if not blocks or "token_embedding.weight" not in tensors:
         raise UserError("unknown text encoder architecture: no OpenCLIP token_embedding / resblocks")
-    last = blocks[-1]
+    last = blocks[-1] if drop_last else None
     p = "text_model."
     out = {p + "embeddings.token_embedding.weight": tensors["token_embedding.weight"],
            p + "embeddings.position_embedding.weight": tensors["positional_embedding"]}
@@ -316,14 +341,14 @@ def convert_open_clip(tensors):
     return out
 
 
-def _load_text(text_tensors, version, dtype, device, config=None):
-    """transformers' CLIPTextModel from (HF-named) tensors; `config` from a folder, else inferred."""
+def _load_text(text_tensors, version, dtype, device, config=None, cls=None):
+    """transformers' CLIPTextModel (or `cls`) from (HF-named) tensors; `config` from a folder, else inferred."""
     from transformers import CLIPTextModel
 
     if config is None:
         config = text_config_from_state_dict(text_tensors, version)
     with torch.device("meta"):
-        model = CLIPTextModel(config)
+        model = (cls or CLIPTextModel)(config)
     model = model.to(dtype).to_empty(device=device)
     tensors = match_text_prefix(text_tensors, model)  # `text_model.` or not, position_ids dropped
     fill(model, ((k, lambda out, v=v: v) for k, v in tensors.items()), "text encoder")
@@ -339,17 +364,16 @@ def _load_text(text_tensors, version, dtype, device, config=None):
 def _load_single_file(path, dtype, device):
     f = SafetensorsFile(path)
     shapes = f.shapes
-    if any(k.startswith("lora_unet_") or k.startswith("lora_te_") for k in shapes):
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in shapes):
         raise UserError(f"{path} is a LoRA file, not a model: pass it with --lora")
-    if any(k.startswith("conditioner.embedders.") for k in shapes):
-        raise UserError(f"{path} is an SDXL checkpoint; only Stable Diffusion 1.x and 2.x are supported")
+    is_xl = sdxl.single_file_family(path, shapes) == "sdxl"  # refuses the refiner, SD3, Flux
     part = lambda prefix: {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
     unet_shapes, vae_shapes = part(UNET_PREFIX), part(VAE_PREFIX)
     if not unet_shapes or not vae_shapes:
         raise UserError(f"{path} is not a Stable Diffusion checkpoint: no {UNET_PREFIX if not unet_shapes else VAE_PREFIX}* "
                         "tensors (a UNet- or VAE-only file cannot be loaded alone)")
 
-    def load_part(cls, cfg, prefix, part_shapes, table, what):
+    def load_part(cls, cfg, prefix, part_shapes, table, what, dtype=dtype):
         module = _build(cls, cfg, dtype, device)
         sources = []
         for key in part_shapes:
@@ -359,19 +383,32 @@ def _load_single_file(path, dtype, device):
             sources.append((ours, lambda out, k=prefix + key: f.read(k, out)))
         return fill(module, sources, what).eval().requires_grad_(False)
 
-    unet_cfg, vae_cfg = infer_unet_config(unet_shapes, **_yaml_heads(path)), infer_vae_config(vae_shapes)
+    pooled = shapes.get(sdxl.BIGG_PREFIX + "text_projection", (None, None))[1]
+    unet_cfg, vae_cfg = infer_unet_config(unet_shapes, pooled_dim=pooled, **_yaml_heads(path)), infer_vae_config(vae_shapes)
+    version = "sdxl" if is_xl else "sd2" if unet_cfg.use_linear_projection else "sd1"
+    if is_xl:
+        vae_cfg.scaling_factor = sdxl.VAE_SCALING_FACTOR
     unet = load_part(UNet2DConditionModel, unet_cfg, UNET_PREFIX, unet_shapes, unet_rename_table(unet_cfg), "UNet")
-    vae = load_part(AutoencoderKL, vae_cfg, VAE_PREFIX, vae_shapes, vae_rename_table(vae_cfg), "VAE")
-    version = "sd2" if unet_cfg.use_linear_projection else "sd1"
+    vae = load_part(AutoencoderKL, vae_cfg, VAE_PREFIX, vae_shapes, vae_rename_table(vae_cfg), "VAE",
+                    sdxl.vae_dtype(dtype) if is_xl else dtype)
+    return dict(unet=unet, vae=vae, version=version, **_single_file_text(f, version, dtype, device),
+                prediction_type=_single_file_prediction_type(path, version), scheduler_config={})
+
+
+def _single_file_text(f, version, dtype, device):
+    """The text encoder(s) and tokenizer(s) of a single file, as StableDiffusion fields."""
+    if version == "sdxl":
+        text_encoder, text_encoder_2 = sdxl.load_text_single_file(f, dtype, device)
+        return dict(text_encoder=text_encoder, tokenizer=load_tokenizer("sd1"),  # CLIP-L pads with EOS
+                    text_encoder_2=text_encoder_2, tokenizer_2=load_tokenizer("sd2"))  # OpenCLIP with "!"
+    shapes = f.shapes
     if any(k.startswith(OPEN_CLIP_PREFIX) for k in shapes):
         text_tensors = convert_open_clip({k[len(OPEN_CLIP_PREFIX):]: f.read(k) for k in shapes if k.startswith(OPEN_CLIP_PREFIX)})
     elif any(k.startswith(HF_CLIP_PREFIX) for k in shapes):
         text_tensors = {k[len(HF_CLIP_PREFIX):]: f.read(k) for k in shapes if k.startswith(HF_CLIP_PREFIX)}
     else:
-        raise UserError(f"{path} has no text encoder ({HF_CLIP_PREFIX}* or {OPEN_CLIP_PREFIX}*)")
-    text_encoder = _load_text(text_tensors, version, dtype, device)
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(version), version=version,
-                prediction_type=_single_file_prediction_type(path, version), scheduler_config={})
+        raise UserError(f"{f.path} has no text encoder ({HF_CLIP_PREFIX}* or {OPEN_CLIP_PREFIX}*)")
+    return dict(text_encoder=_load_text(text_tensors, version, dtype, device), tokenizer=load_tokenizer(version))
 
 
 def _yaml_heads(path):
@@ -387,7 +424,7 @@ def _yaml_heads(path):
 
 
 def _single_file_prediction_type(path, version):
-    if version == "sd1":
+    if version != "sd2":  # SD 1.x and SDXL base are epsilon models
         return "epsilon"
     yaml = path.with_suffix(".yaml")
     if yaml.exists():
@@ -416,33 +453,47 @@ def _read_json(path):
 
 
 def _load_folder(path, dtype, device):
-    def load_part(cls, cfg_cls, sub, what):
+    is_xl = sdxl.folder_family(path, _read_json(path / "model_index.json")) == "sdxl"  # refuses refiner, SD3, ...
+
+    def load_part(cls, cfg_cls, sub, what, dtype=dtype):
         f = _weights_file(path / sub)
         module = _build(cls, cfg_cls.from_diffusers(_read_json(path / sub / "config.json")), dtype, device)
         return fill(module, ((k, lambda out, k=k: f.read(k, out)) for k in f.entries), what).eval().requires_grad_(False)
 
     unet = load_part(UNet2DConditionModel, UNetConfig, "unet", "UNet")
-    vae = load_part(AutoencoderKL, VAEConfig, "vae", "VAE")
-    version = "sd2" if unet.config.use_linear_projection else "sd1"
-    f = _weights_file(path / "text_encoder")
-    text_config = text_config_from_json(_read_json(path / "text_encoder" / "config.json"))
-    text_encoder = _load_text({k: f.read(k) for k in f.entries}, version, dtype, device, text_config)
-    tokenizer_dir = path / "tokenizer"
+    vae = load_part(AutoencoderKL, VAEConfig, "vae", "VAE", sdxl.vae_dtype(dtype) if is_xl else dtype)
+    version = "sdxl" if is_xl else "sd2" if unet.config.use_linear_projection else "sd1"
+    text = dict(text_encoder=_folder_text(path, "text_encoder", "sd2" if version == "sd2" else "sd1", dtype, device))
+    if is_xl:
+        text["text_encoder_2"] = _folder_text(path, "text_encoder_2", "sd2", dtype, device, with_projection=True)
+    for sub, field, pad in (("tokenizer", "tokenizer", "sd2" if version == "sd2" else "sd1"),
+                            ("tokenizer_2", "tokenizer_2", "sd2")):
+        if field == "tokenizer" or is_xl:  # SDXL: tokenizer/ pads with EOS, tokenizer_2/ with "!"
+            text[field] = load_tokenizer(pad, path / sub if (path / sub).is_dir() else None)
     scheduler_config = {}
     if (path / "scheduler" / "scheduler_config.json").exists():
         scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder,
-                tokenizer=load_tokenizer(version, tokenizer_dir if tokenizer_dir.is_dir() else None),
-                version=version, prediction_type=scheduler_config.get("prediction_type", "epsilon"),
-                scheduler_config=scheduler_config)
+    return dict(unet=unet, vae=vae, **text, version=version, scheduler_config=scheduler_config,
+                prediction_type=scheduler_config.get("prediction_type", "epsilon"))
+
+
+def _folder_text(path, sub, version, dtype, device, with_projection=False):
+    """A text encoder from a diffusers component folder (text_encoder/ or SDXL's text_encoder_2/)."""
+    from transformers import CLIPTextModelWithProjection
+
+    f = _weights_file(path / sub)
+    tensors, config = {k: f.read(k) for k in f.entries}, text_config_from_json(_read_json(path / sub / "config.json"))
+    if with_projection:
+        return _load_text(tensors, version, dtype, device, config, cls=CLIPTextModelWithProjection)
+    return _load_text(tensors, version, dtype, device, config)
 
 
 def load(path, dtype=torch.float32, device="cpu", prediction_type=None, revision=None, log=print):
-    """Load a Stable Diffusion 1.x / 2.x checkpoint: a single LDM `.safetensors` file or a diffusers folder,
+    """Load a Stable Diffusion 1.x / 2.x / XL checkpoint: a single LDM `.safetensors` file or a diffusers folder,
     or a model by name (a Hub repo id, `owner/repo/file.safetensors`, a short name such as "sd15"), which
     hub.resolve_model fetches into the Hugging Face cache at `revision` (see hub.py).
 
-    Weights stored in fp16/bf16 are cast to `dtype`. Extra tensors (DDPM buffers, `model_ema.*`) are
+    Weights stored in fp16/bf16 are cast to `dtype` (but SDXL's VAE stays fp32 when `dtype` is fp16). Extra tensors (DDPM buffers, `model_ema.*`) are
     ignored; missing or mis-shaped ones raise UserError naming them. `sd.source` records where the model
     came from: {"path"} or {"repo_id", "revision" (commit sha), "file"}.
     """

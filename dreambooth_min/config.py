@@ -39,14 +39,14 @@ class TrainConfig:
     prompt: str = option("a photo of sks {class_noun}", "instance prompt; 'sks' is the rare token that comes to "
                          "mean your subject", SUBJECT)
     model: str = option("", "a .safetensors file, a diffusers folder, a Hub repo id (owner/name or "
-                            "owner/name/file.safetensors) or sd15 / sd21 / sd21-base (default: the one model in "
+                            "owner/name/file.safetensors) or sd15 / sd21 / sd21-base / sdxl (default: the one model in "
                             "weights/, else sd15 from the Hub)", SUBJECT, metavar="MODEL")
     revision: str = option("", "branch, tag or commit of a Hub --model (default: main; a resumed run uses the "
                                "commit it started with)", SUBJECT)
     prediction_type: str = option("", "override the detected prediction type", SUBJECT,
                                   choices=("epsilon", "v_prediction"))
     resolution: int = option(0, "training size in pixels (0: 512 for SD 1.x and 2.x-base, 768 for SD 2.x "
-                                "v-models)", SUBJECT)
+                                "v-models, 1024 for SDXL)", SUBJECT)
     flip: bool = option(True, "no random horizontal flips: for asymmetric subjects (text, logos)", SUBJECT)
 
     prior_weight: float = option(1.0, "lambda, the weight of the class-image loss; 0 (or --no-prior) trains on "
@@ -61,7 +61,8 @@ class TrainConfig:
     alpha: float = option(0.0, "LoRA alpha; scale = alpha / rank (0: = rank, scale 1)", LORA)
     lora_targets: tuple = option(UNET_TARGETS, "UNet layers to adapt, by module-name suffix, comma-separated; "
                                  "also e.g. proj_in, proj_out, ff.net.0.proj, ff.net.2", LORA)
-    train_text_encoder: bool = option(False, "also adapt the text encoder's attention (q/k/v/out_proj)", LORA)
+    train_text_encoder: bool = option(False, "also adapt the text encoder's attention (q/k/v/out_proj; SDXL: of both "
+                                             "encoders)", LORA)
     conv_rank: int = option(0, "rank of LoRA on convolutions named in --lora-targets (LoCon: conv1, conv2, ...); "
                                "0: = --rank", LORA)
     conv_alpha: float = option(0.0, "alpha of the convolution LoRA (0: = --alpha)", LORA)
@@ -89,6 +90,9 @@ class TrainConfig:
                             choices=("fp16", "bf16", "fp32"))
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, ~30%% slower",
                                           HARDWARE)
+    vae_precision: str = option("", "precision of the VAE's encoding and decoding (default: the base's, but fp32 for "
+                                    "SDXL over an fp16 base: SDXL's VAE overflows fp16 into NaN / black images)",
+                                HARDWARE, choices=("fp16", "bf16", "fp32"))
 
     output: str = option("", "run folder (default: runs/<timestamp>)", OUTPUTS)
     save_every: int = option(250, "checkpoint every N steps; 0: only at the end and on Ctrl-C", OUTPUTS)

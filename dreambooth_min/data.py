@@ -68,6 +68,32 @@ def load_image(path, resolution):
     return x, warning
 
 
+def original_size(path):
+    """(height, width) of the photo as it stands upright (EXIF orientation applied), from its header alone."""
+    with Image.open(path) as im:
+        w, h = im.size
+        if im.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees: the upright photo is h x w
+            w, h = h, w
+    return h, w
+
+
+def photo_time_ids(sizes, resolution):
+    """SDXL's size conditioning (Podell et al. 2023, sec. 2.2) of photos of original `sizes` [(h, w)] trained at
+    R x R: one row (h, w, crop top, crop left, R, R) each, [N, 6] float.
+
+    As diffusers' train_dreambooth_lora_sdxl.py with --center_crop computes it: the short side is resized to R
+    (torchvision's Resize: the long side becomes int(R * long / short)), and the crop's top-left corner is
+    round((resized - R) / 2) in the resized image."""
+    from .conditioning import size_time_ids
+
+    rows = []
+    for h, w in sizes:
+        rh, rw = (resolution, int(resolution * w / h)) if h <= w else (int(resolution * h / w), resolution)
+        crop = max(0, int(round((rh - resolution) / 2.0))), max(0, int(round((rw - resolution) / 2.0)))
+        rows.append(size_time_ids((h, w), crop, (resolution, resolution)))
+    return torch.stack(rows) if rows else torch.zeros(0, 6)
+
+
 def caption_for(path, prompt):
     """`name.txt` beside `name.jpg` (stripped) if present and non-empty, else the instance prompt."""
     txt = Path(path).with_suffix(".txt")
@@ -78,8 +104,9 @@ def caption_for(path, prompt):
     return prompt
 
 
-def load_instance_images(folder, resolution, prompt):
-    """(images [N, 3, R, R] in [-1, 1], captions [N], warnings [str]) from a folder of photos.
+def load_instance_images(folder, resolution, prompt, with_sizes=False):
+    """(images [N, 3, R, R] in [-1, 1], captions [N], warnings [str]) from a folder of photos, and with
+    `with_sizes` their original sizes [(h, w)] (SDXL's size conditioning, photo_time_ids).
 
     Unreadable files are skipped with a warning as long as one image is readable; otherwise, and
     for a missing / empty folder, a UserError says what is wrong in one line.
@@ -92,7 +119,7 @@ def load_instance_images(folder, resolution, prompt):
     paths = find_images(folder)
     if not paths:
         raise UserError(f"{folder} holds no images ({', '.join(IMAGE_EXTS)})")
-    images, captions, warnings, failed = [], [], [], []
+    images, captions, warnings, failed, sizes = [], [], [], [], []
     for p in paths:
         try:
             x, warning = load_image(p, resolution)
@@ -100,6 +127,7 @@ def load_instance_images(folder, resolution, prompt):
             failed.append(f"{p.name} ({type(e).__name__}: {e})")
             continue
         images.append(x)
+        sizes.append(original_size(p))
         captions.append(caption_for(p, prompt))
         if warning:
             warnings.append(warning)
@@ -110,7 +138,7 @@ def load_instance_images(folder, resolution, prompt):
                     and p.suffix.lower() not in IMAGE_EXTS + (".txt", ".md"))  # captions; a README or attribution
     if others:
         warnings.append(f"ignored {len(others)} files that are not {'/'.join(IMAGE_EXTS)} images, e.g. {others[0]}")
-    return torch.stack(images), captions, warnings
+    return (torch.stack(images), captions, warnings) + ((sizes,) if with_sizes else ())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,13 +174,18 @@ class LatentCache:
     everything, and the latents are the same either way (one image per encode).
     """
 
-    def __init__(self, vae, images, flip=True):
+    def __init__(self, vae, images, flip=True, sizes=None):
         self.vae, self.images, self.views = vae, images, 2 if flip else 1
         self.scaling_factor = vae.scaling_factor
         self.posteriors = {}  # (image, view) -> (mean, std) [4, h, w]
+        self.sizes = sizes  # SDXL: [N, 6] photo_time_ids of the images (a mirror image has its original's); else None
 
     def __len__(self):
         return len(self.images)
+
+    def time_ids(self, index):
+        """The size conditioning rows [len(index), 6] of images `index`, or None for a model without it."""
+        return None if self.sizes is None else self.sizes[torch.as_tensor(index, dtype=torch.long)]
 
     def posterior(self, i, view):
         if (i, view) not in self.posteriors:

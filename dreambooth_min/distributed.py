@@ -175,7 +175,7 @@ def local_batch(batch):
     mine, k = part(0, n_inst) + part(n_inst, n_class), len(part(0, n_inst))
     local = dataclasses.replace(batch, latents=batch.latents[mine], noise=batch.noise[mine],
                                 timesteps=batch.timesteps[mine], prompts=[batch.prompts[i] for i in mine],
-                                n_instance=k)
+                                n_instance=k, time_ids=None if batch.time_ids is None else batch.time_ids[mine])
     return local, _world * k / n_inst
 
 

@@ -26,6 +26,7 @@ class Batch:
     timesteps: torch.Tensor  # t [B]
     prompts: list  # one caption per row
     n_instance: int  # how many leading rows are the subject's
+    time_ids: torch.Tensor = None  # SDXL: [B, 6] per row, original size, crop top-left, target size; else None
 
 
 def assemble_batch(instance_latents, captions, index, class_latents, class_prompt, generator, offset_noise=0.0):
@@ -37,15 +38,17 @@ def assemble_batch(instance_latents, captions, index, class_latents, class_promp
     run is the same on every device.
     """
     x, prompts = instance_latents.sample(index, generator), [captions[i] for i in index]
+    sizes = [instance_latents.time_ids(index)]
     if class_latents is not None:
         class_index = torch.randint(len(class_latents), (len(index),), generator=generator)
         x = torch.cat([x, class_latents.sample(class_index, generator)])
         prompts = prompts + [class_prompt] * len(index)
+        sizes.append(class_latents.time_ids(class_index))
     eps = torch.randn(x.shape, generator=generator)
     if offset_noise:  # a per-channel constant too, so the model can learn overall brightness (Guttenberg 2023)
         eps = eps + offset_noise * torch.randn(x.shape[:2] + (1, 1), generator=generator)
     t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x),), generator=generator)
-    return Batch(x, eps, t, prompts, len(index))
+    return Batch(x, eps, t, prompts, len(index), None if sizes[0] is None else torch.cat(sizes))
 
 
 def dreambooth_loss(pred, target, n_instance, prior_weight, weights=None):
@@ -62,15 +65,16 @@ def dreambooth_loss(pred, target, n_instance, prior_weight, weights=None):
     return instance + prior_weight * prior, instance, prior
 
 
-def dreambooth_step(unet, batch, context, prediction_type, prior_weight=1.0, snr_gamma=0.0):
+def dreambooth_step(unet, batch, cond, prediction_type, prior_weight=1.0, snr_gamma=0.0):
     """One evaluation of the DreamBooth loss (eq. 1 + lambda * eq. 2's prior term): (loss, instance, prior).
 
-    `context` [B, 77, D] is the text encoding of batch.prompts. The UNet runs in its own dtype and device.
+    `cond` is c per row, a conditioning.Cond: the text encoding [B, 77, D] of batch.prompts (SDXL: also the
+    pooled text and batch.time_ids). The UNet runs in its own dtype and device.
     """
     weight = unet.conv_in.weight
     x0, eps, t = (v.to(weight.device) for v in (batch.latents, batch.noise, batch.timesteps))  # [B, 4, h, w], [B]
     x_t = add_noise(x0, eps, t)                                  # q(x_t | x_0) = N(sqrt(a_t) x_0, (1 - a_t) I), DDPM eq. 4
     target = prediction(prediction_type).target(x0, eps, t)      # y = eps, or v
-    pred = unet(x_t.to(weight.dtype), t, context)                # x̂(x_t, c)
+    pred = unet(x_t.to(weight.dtype), t, cond)                   # x̂(x_t, c)
     w = min_snr_weight(t, snr_gamma, prediction_type) if snr_gamma > 0 else None
     return dreambooth_loss(pred, target, batch.n_instance, prior_weight, w)

@@ -34,9 +34,23 @@ class Hardware:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
+    def vae_dtype(self, version, vae_precision=""):
+        """The VAE's dtype: `vae_precision` when given, else the base's, except fp32 for SDXL over an fp16 base:
+        SDXL's VAE overflows fp16 (NaN latents, black images) where SD 1.x / 2.x's does not."""
+        if vae_precision:
+            return DTYPES[vae_precision]
+        from .checkpoint_sdxl import vae_dtype  # the loader's rule, so that train.py and sample.py agree
+
+        return vae_dtype(self.dtype) if version == "sdxl" else self.dtype
+
     def grad_scaler(self):
         """Loss scaling, needed for fp16 only (bf16 has fp32's exponent range)."""
         return torch.amp.GradScaler(self.device_type, enabled=self.precision == "fp16")
+
+
+def precision_name(dtype):
+    """torch.float16 -> 'fp16' (the names of DTYPES)."""
+    return next(name for name, d in DTYPES.items() if d == dtype)
 
 
 def resolve_hardware(device="", precision=""):

@@ -8,7 +8,7 @@
 Downloads go through huggingface_hub and follow its conventions: its cache (HF_HOME / HF_HUB_CACHE), the
 endpoint HF_ENDPOINT, offline mode HF_HUB_OFFLINE=1, a token from HF_TOKEN or `hf auth login`, interrupted
 downloads resumed, its progress bars. Of a diffusers repo only what `checkpoint.load` reads is fetched:
-configs, tokenizer files and the `.safetensors` weights of unet, vae and text_encoder (the `fp16` variant
+configs, tokenizer files and the `.safetensors` weights of unet, vae and text_encoder(_2) (the `fp16` variant
 when the repo has one and fp16 is what will run); never pickles (.bin, .ckpt), safety checker or
 duplicate single files. A second call finds everything in the cache and makes no download.
 """
@@ -20,16 +20,18 @@ from .errors import UserError
 from .safetensors_io import PICKLE_HINT
 
 SHORT_NAMES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1",
-               "sd21-base": "stabilityai/stable-diffusion-2-1-base"}
+               "sd21-base": "stabilityai/stable-diffusion-2-1-base", "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 DEFAULT_MODEL = "sd15"  # what runs when weights/ holds no model and no --model is given
 COMPONENTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+SDXL_COMPONENTS = {"text_encoder_2": "model"}  # and tokenizer_2/: what an SDXL repo adds
 REPO_PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # the Hub's rule for owner and repo names (dots, dashes, underscores)
 OFFLINE = "HF_HUB_OFFLINE=1 is set (unset it to download)"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 # What `hf download` should fetch for a standard diffusers SD repo (said when it cannot be fetched here).
 HF_DOWNLOAD_FILES = " ".join(f'--include "{p}"' for p in ("*.json", "*.txt", "unet/diffusion_pytorch_model.safetensors",
                                                           "vae/diffusion_pytorch_model.safetensors",
-                                                          "text_encoder/model.safetensors"))
+                                                          "text_encoder/model.safetensors",
+                                                          "text_encoder_2/model.safetensors"))
 
 
 def parse_spec(spec):
@@ -92,20 +94,21 @@ def resolve_model(spec, revision=None, prefer_fp16=False, log=print):
 def choose_files(files, repo_id, prefer_fp16):
     """The files of a diffusers SD repo that `load()` reads, from the repo's file list.
 
-    Raises UserError when the repo is not a Stable Diffusion 1.x/2.x diffusers model.
+    Raises UserError when the repo is not a Stable Diffusion 1.x/2.x/XL diffusers model.
     """
     files = set(files)
     if "model_index.json" not in files:
         singles = sorted(f for f in files if f.endswith(".safetensors") and "/" not in f)
         hint = (f"; for one of its single files use {repo_id}/{singles[0]}" if singles else "")
         raise UserError(f"{repo_id} is not a diffusers Stable Diffusion repo (no model_index.json){hint}")
-    if any(f.startswith(("text_encoder_2/", "text_encoder_3/")) for f in files):
-        raise UserError(f"{repo_id} is an SDXL/SD3 model (it has text_encoder_2); only Stable Diffusion 1.x and "
-                        "2.x are supported")
+    if any(f.startswith(("text_encoder_3/", "transformer/")) for f in files):
+        raise UserError(f"{repo_id} is a diffusion-transformer model (SD3, Flux, ...: no UNet); only Stable Diffusion "
+                        "1.x, 2.x and XL are supported")
+    xl = any(f.startswith("text_encoder_2/") for f in files)
     chosen = ["model_index.json"]
-    for sub, stem in COMPONENTS.items():
+    for sub, stem in (COMPONENTS | SDXL_COMPONENTS if xl else COMPONENTS).items():
         if f"{sub}/config.json" not in files:
-            raise UserError(f"{repo_id} is not a Stable Diffusion 1.x/2.x model: it has no {sub}/config.json")
+            raise UserError(f"{repo_id} is not a Stable Diffusion 1.x/2.x/XL base model: it has no {sub}/config.json")
         plain, half = f"{sub}/{stem}.safetensors", f"{sub}/{stem}.fp16.safetensors"
         weights = [w for w in ((half, plain) if prefer_fp16 else (plain, half)) if w in files]
         if not weights:
@@ -113,7 +116,7 @@ def choose_files(files, repo_id, prefer_fp16):
             raise UserError(f"{repo_id}: {sub}/ has no .safetensors weights"
                             + (f" ({pickles[0]}: {PICKLE_HINT})" if pickles else ""))
         chosen += [f"{sub}/config.json", weights[0]]
-    chosen += sorted(f for f in files if f.startswith("tokenizer/") and f.endswith((".json", ".txt")))
+    chosen += sorted(f for f in files if f.startswith(("tokenizer/", "tokenizer_2/")) and f.endswith((".json", ".txt")))
     chosen += [f for f in ("scheduler/scheduler_config.json",) if f in files]
     return chosen
 

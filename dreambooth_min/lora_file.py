@@ -5,9 +5,12 @@ File format we write (kohya / A1111 / ComfyUI / diffusers all read it):
         k x k convs, LoCon: [r, in, k, k])
     lora_unet_<...>.lora_up.weight [out, r] (convs: [out, r, 1, 1]),  lora_unet_<...>.alpha (0-d)
     lora_te_text_model_<path inside CLIPTextModel>.*  for the text encoder.
+SDXL files (kohya sd-scripts' SDXL networks, as ComfyUI and A1111 read them) name UNet layers by their LDM paths
+(lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q) and the two text encoders lora_te1_ (CLIP-L) and
+lora_te2_ (OpenCLIP bigG in transformers' names); the metadata names the family (ss_base_model_version).
 What we read besides (other people's LoRAs): kohya files with LDM names (lora_unet_input_blocks_1_1_...),
 without alpha, with fp16/bf16 factors, LoCon with a CP-decomposed lora_mid; diffusers / peft files
-(unet.<path>.lora_A.weight / lora_B.weight, text_encoder.<path>..., the older
+(unet.<path>.lora_A.weight / lora_B.weight, text_encoder.<path>..., SDXL's text_encoder_2.<path>..., the older
 <attn>.processor.to_q_lora.down.weight form), their alpha from `.alpha` keys or from the
 `lora_adapter_metadata` JSON that diffusers writes (peft LoraConfig fields per component: r,
 lora_alpha, rank_pattern, alpha_pattern, use_rslora).
@@ -27,6 +30,9 @@ from .safetensors_io import SafetensorsFile, save_atomic
 from .unet import UNetConfig
 
 
+TEXT_PARTS = ("te", "te1", "te2")  # kohya: SD 1.x / 2.x's one text encoder; SDXL's CLIP-L and OpenCLIP bigG
+
+
 def _text_path(path):
     # transformers 5's CLIPTextModel has no `.text_model` level; kohya names always include it.
     return path if path.startswith("text_model.") else "text_model." + path
@@ -34,27 +40,64 @@ def _text_path(path):
 
 def kohya_name(path, part):
     """'down_blocks.0.attentions.0...to_q', 'unet' -> 'lora_unet_down_blocks_0_attentions_0_..._to_q'."""
-    if part == "te":
+    if part in TEXT_PARTS:
         path = _text_path(path)
     return f"lora_{part}_" + path.replace(".", "_")
 
 
-def lora_state_dict(unet_loras, text_loras=None, dtype=torch.float32):
-    """Named tensors in kohya's format for the wrappers returned by inject_lora."""
-    out = {}
-    for part, loras in (("unet", unet_loras), ("te", text_loras or {})):
+def lora_parts(unet_loras, text_loras=None, text_loras_2=None):
+    """{kohya part: {path: wrapper}}: 'unet' and 'te', or for SDXL (text_loras_2 not None) 'te1' and 'te2'."""
+    if text_loras_2 is None:
+        return {"unet": unet_loras, "te": text_loras or {}}
+    return {"unet": unet_loras, "te1": text_loras or {}, "te2": text_loras_2}
+
+
+def kohya_unet_paths(unet):
+    """{our path: the path a kohya file names}: SDXL's LoRAs (sd-scripts' SdxlUNet2DConditionModel, ComfyUI,
+    A1111) name UNet layers by their LDM paths (input_blocks.4.1.transformer_blocks.0.attn1.to_q), SD 1.x / 2.x
+    ones by diffusers' paths, ours ({} = the path itself)."""
+    if getattr(unet.config, "addition_embed_type", None) != "text_time":
+        return {}
+    names = _ldm_unet_names(unet)
+    if not names:  # never write an SDXL file under names its readers do not know
+        raise ValueError(f"no LDM names for the layers of this SDXL UNet ({type(unet).__name__})")
+    return names
+
+
+def kohya_modules(unet_loras, text_loras=None, text_loras_2=None, unet_paths=None):
+    """(kohya name, wrapper) of every LoRA wrapper (SDXL: `text_loras_2` for the second text encoder,
+    `unet_paths` = kohya_unet_paths)."""
+    for part, loras in lora_parts(unet_loras, text_loras, text_loras_2).items():
         for path, m in loras.items():
-            k = kohya_name(path, part)
-            out[k + ".lora_down.weight"] = m.lora_down.weight.detach().to("cpu", dtype)
-            out[k + ".lora_up.weight"] = m.lora_up.weight.detach().to("cpu", dtype)
-            out[k + ".alpha"] = torch.tensor(m.alpha, dtype=torch.float32)
+            yield kohya_name((unet_paths or {}).get(path, path) if part == "unet" else path, part), m
+
+
+def lora_state_dict(unet_loras, text_loras=None, dtype=torch.float32, text_loras_2=None, unet_paths=None):
+    """Named tensors in kohya's format for the wrappers returned by inject_lora (SDXL: see kohya_modules)."""
+    out = {}
+    for k, m in kohya_modules(unet_loras, text_loras, text_loras_2, unet_paths):
+        out[k + ".lora_down.weight"] = m.lora_down.weight.detach().to("cpu", dtype)
+        out[k + ".lora_up.weight"] = m.lora_up.weight.detach().to("cpu", dtype)
+        out[k + ".alpha"] = torch.tensor(m.alpha, dtype=torch.float32)
     return out
+
+
+def family_metadata(version, prediction_type):
+    """The model family in the keys others read: kohya's ss_base_model_version (sd_v1, sd_v2_v, sdxl_base_v1-0)
+    and the Stability AI model spec's architecture (stable-diffusion-xl-v1-base/lora), as sd-scripts writes them."""
+    v = prediction_type == "v_prediction"
+    if version == "sdxl":
+        return {"ss_base_model_version": "sdxl_base_v1-0", "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}
+    arch = "stable-diffusion-v1" if version == "sd1" else f"stable-diffusion-v2-{'768-v' if v else '512'}"
+    return {"ss_base_model_version": f"sd_{'v2' if version == 'sd2' else 'v1'}{'_v' * v}",
+            "modelspec.architecture": arch + "/lora"}
 
 
 def training_metadata(sd, instance_prompt, class_prompt, resolution, rank, alpha, step):
     """What our LoRA files say about their training, in kohya's ss_* keys (which A1111 shows): the base model
-    (and, for a Hub model, its repo and commit), prompts, resolution, rank, alpha, steps."""
-    return {"ss_base_model": sd.name, "ss_sd_version": sd.version, "ss_prediction_type": sd.prediction_type,
+    (and, for a Hub model, its repo and commit) and its family, prompts, resolution, rank, alpha, steps."""
+    return family_metadata(sd.version, sd.prediction_type) | {
+            "ss_base_model": sd.name, "ss_sd_version": sd.version, "ss_prediction_type": sd.prediction_type,
             "ss_instance_prompt": instance_prompt, "ss_class_prompt": class_prompt,
             "ss_resolution": str(resolution), "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
             "ss_training_tool": "dreambooth_min", "ss_steps": str(step)} | \
@@ -109,8 +152,7 @@ OTHER_KINDS = ((r"dora_scale", "DoRA"), (r"lora_magnitude_vector", "DoRA"), (r"\
                (r"\.lokr_", "LoKr (lokr_)"), (r"\.oft_", "OFT"), (r"\.on_input$", "IA3"), (r"\.[wb]_norm$", "norm"),
                (r"\.diff(_b)?$", "full-difference"), (r"\.a1\.weight$", "GLoRA"),
                (r"\.lora_B(\.[\w-]+)?\.bias$", "LoRA-bias"))
-OTHER_FAMILIES = (("lora_te1_", "SDXL (it has two text encoders)"), ("lora_te2_", "SDXL (it has two text encoders)"),
-                  ("text_encoder_2.", "SDXL (it has two text encoders)"), ("transformer.", "a DiT (SD3 / Flux)"),
+OTHER_FAMILIES = (("transformer.", "a DiT (SD3 / Flux)"),
                   ("lora_transformer_", "a DiT (SD3 / Flux)"), ("lora_unet_double_blocks_", "Flux"),
                   ("lora_unet_single_blocks_", "Flux"), ("lora_prior_", "Stable Cascade"))
 
@@ -119,7 +161,7 @@ def _diffusers_path(name, part):
     """A diffusers / peft module name in our paths: no `.processor.`, to_out -> to_out.0 (UNet),
     to_q / to_out -> q_proj / out_proj (CLIP text encoder)."""
     name = name.replace(".processor.", ".")
-    if part == "te":
+    if part in TEXT_PARTS:
         name = re.sub(r"self_attn\.to_(q|k|v)$", r"self_attn.\1_proj", name)
         return _text_path(re.sub(r"self_attn\.to_out$", "self_attn.out_proj", name))
     return re.sub(r"\.to_out$", ".to_out.0", name)
@@ -127,13 +169,13 @@ def _diffusers_path(name, part):
 
 def _parse_key(k):
     """(part, module name, field, style) of a LoRA key, or None for a key of no known LoRA kind."""
-    if k.startswith(("lora_unet_", "lora_te_")):
+    if k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")):
         name, _, field = k.partition(".")
         field = KOHYA_FIELDS.get(field)
-        return (("unet" if name.startswith("lora_unet_") else "te"), name, field, "kohya") if field else None
-    if k.startswith(("unet.", "text_encoder.")):
+        return (name[5:name.index("_", 5)], name, field, "kohya") if field else None
+    if k.startswith(("unet.", "text_encoder.", "text_encoder_2.")):
         prefix, _, rest = k.partition(".")
-        part = "unet" if prefix == "unet" else "te"
+        part = {"unet": "unet", "text_encoder": "te", "text_encoder_2": "te2"}[prefix]
     elif k.startswith(UNET_PATH_STARTS):  # diffusers' oldest attention-processor files have no prefix
         part, rest = "unet", k
     else:
@@ -146,7 +188,7 @@ def _parse_key(k):
 
 
 def _refuse_other_kinds(tensors):
-    """One line for a file that is not a plain LoRA / LoCon for SD 1.x / 2.x."""
+    """One line for a file that is not a plain LoRA / LoCon for SD 1.x / 2.x / SDXL."""
     if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "unet.conv_in.weight")) for k in tensors):
         raise UserError("this file is a Stable Diffusion model, not a LoRA: pass it with --model")
     for marker, kind in OTHER_KINDS:
@@ -157,14 +199,15 @@ def _refuse_other_kinds(tensors):
     for prefix, family in OTHER_FAMILIES:
         found = [k for k in tensors if k.startswith(prefix)]
         if found:
-            raise UserError(f"this LoRA was made for {family}, not for SD 1.x / 2.x (keys like {found[0]})")
+            raise UserError(f"this LoRA was made for {family}, not for SD 1.x / 2.x / SDXL (keys like {found[0]})")
 
 
 def _group(tensors):
     """{(part, module name): {'down', 'up', 'alpha', 'mid', 'style'}} for kohya and diffusers/peft key styles.
 
-    kohya: part 'unet'/'te', name = the kohya name (resolved later against the model's own paths).
-    peft ('unet.<path>.lora_A.weight', 'text_encoder.<path>.lora_B.weight'): name = the dotted path.
+    kohya: part 'unet'/'te' (SDXL: 'te1'/'te2'), name = the kohya name (resolved later against the model's paths).
+    peft ('unet.<path>.lora_A.weight', 'text_encoder.<path>.lora_B.weight', SDXL's 'text_encoder_2.<path>...':
+    part 'te2'): name = the dotted path.
     """
     _refuse_other_kinds(tensors)
     groups, bad = {}, []
@@ -218,14 +261,14 @@ def _module_table(model, part):
             if key in table and table[key][0] != path:
                 clashes.add(key)  # two paths that differ only in '.' vs '_': refuse to guess
             table[key] = entry
-        table[_text_path(path) if part == "te" else path] = entry
+        table[_text_path(path) if part in TEXT_PARTS else path] = entry
     for key in clashes:
         table.pop(key)
     return table
 
 
 WIDTH_FAMILIES = {"text": {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"},
-                  "hidden states": {768: "SD 1.x", 1024: "SD 2.x"}}
+                  "hidden states": {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL"}}
 # What a file's metadata says its base model is: ours (ss_sd_version), kohya's (ss_base_model_version, ss_v2)
 # and the ModelSpec architecture that kohya and others write.
 METADATA_FAMILIES = (("ss_sd_version", {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}),
@@ -261,11 +304,39 @@ def _width(w, what):
     return f"{w}-wide {what}" + (f" ({family})" if family else "")
 
 
+def _model_family(unet, text_encoder_2):
+    """'SDXL' (two text encoders), else 'SD 1.x' / 'SD 2.x' by the width of the text the UNet reads."""
+    if text_encoder_2 is not None:
+        return "SDXL"
+    width = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
+    return WIDTH_FAMILIES["text"].get(width if isinstance(width, int) else None, "SD 1.x / 2.x")
+
+
+def _file_family(groups):
+    """(family, a key that shows it) of a LoRA by its text-encoder parts: 'SDXL' (te1 / te2: two text
+    encoders), 'SD 1.x / 2.x' (kohya's one lora_te_), or (None, None) when its keys do not tell."""
+    for (part, name), g in groups.items():
+        if part in ("te1", "te2"):
+            return "SDXL", name
+    for (part, name), g in groups.items():
+        if part == "te" and g["style"] == "kohya":
+            return "SD 1.x / 2.x", name
+    return None, None
+
+
+def _refuse_other_family(groups, model_family):
+    """An SDXL LoRA on SD 1.x / 2.x, or the reverse: one line naming both families."""
+    family, key = _file_family(groups)
+    if family is not None and (family == "SDXL") != (model_family == "SDXL"):
+        raise UserError(f"this LoRA was made for {family}, not for this {model_family} model (keys like {key})")
+
+
 def _check_family(groups, tables, metadata=None, unet=None):
     """A LoRA for another model family reads text of another width: name both families in one line (before the
     less telling 'matches nothing' / 'does not fit')."""
+    text = (r"self_attn[._]q_proj$", r"self_attn\.q_proj$", "text-encoder layers", "hidden states")
     checks = (("unet", r"attn2[._]to_k$", r"attn2\.to_k$", "cross-attention layers", "text"),
-              ("te", r"self_attn[._]q_proj$", r"self_attn\.q_proj$", "text-encoder layers", "hidden states"))
+              *((part,) + text for part in TEXT_PARTS))
     for part, file_pattern, model_pattern, layers, what in checks:
         theirs = next((g["down"].shape[1] for (p, name), g in groups.items()
                        if p == part and "down" in g and re.search(file_pattern, name)), None)
@@ -315,7 +386,7 @@ def _peft_config(metadata, part):
         config = json.loads(raw)
     except ValueError:
         raise UserError("the LoRA file's lora_adapter_metadata is not valid JSON") from None
-    prefix = {"unet": "unet.", "te": "text_encoder."}[part]
+    prefix = {"unet": "unet.", "te": "text_encoder.", "te1": "text_encoder.", "te2": "text_encoder_2."}[part]
     return {k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}
 
 
@@ -350,22 +421,30 @@ def _merge(w, down, up, mid, scale):
     w.copy_((w.float() + delta).to(w.dtype))
 
 
+def _text_tables(text_encoder, text_encoder_2, groups):
+    """{part: text encoder} of the model, and `groups` with diffusers' SDXL `text_encoder.` (CLIP-L) as te1."""
+    if text_encoder_2 is None:
+        return {"te": text_encoder}, groups
+    renamed = {("te1" if part == "te" else part, name): g for (part, name), g in groups.items()}
+    return {"te1": text_encoder, "te2": text_encoder_2}, renamed
+
+
 @torch.no_grad()
-def apply_lora(unet, text_encoder, tensors, scale=1.0, merge=True, metadata=None):
+def apply_lora(unet, text_encoder, tensors, scale=1.0, merge=True, metadata=None, text_encoder_2=None):
     """Apply a LoRA file's tensors: W += scale * (alpha / r) * B A  (merge=True; LoCon convs: B A is the
     1x1-after-k x k composition), or wrap each layer with a LoRA module of multiplier `scale`
     (merge=False, strength changeable later). `metadata` (load_lora's second value) supplies the alpha
-    of diffusers / peft files that keep it there.
+    of diffusers / peft files that keep it there. SDXL: `text_encoder_2` is OpenCLIP bigG (kohya's te2).
 
     Module names are found by converting each of the model's own module paths to kohya form (paths
     contain '_' themselves, e.g. 'to_q', 'transformer_blocks', so a key cannot be split back).
     Returns {(part, path): module}. Raises UserError naming keys that match no module.
     """
-    tables = {"unet": _module_table(unet, "unet")}
-    if text_encoder is not None:
-        tables["te"] = _module_table(text_encoder, "te")
-    models = {"unet": unet, "te": text_encoder}
     groups = _group(tensors)
+    _refuse_other_family(groups, _model_family(unet, text_encoder_2))
+    texts, groups = _text_tables(text_encoder, text_encoder_2, groups)
+    models = {"unet": unet} | texts
+    tables = {part: _module_table(model, part) for part, model in models.items() if model is not None}
     _check_family(groups, tables, metadata, unet)
     missing = [f"{part}:{key}" for part, key in groups if key not in tables.get(part, {})]
     incomplete = [key for (part, key), g in groups.items() if not {"down", "up"} <= g.keys()]
@@ -382,7 +461,7 @@ def apply_lora(unet, text_encoder, tensors, scale=1.0, merge=True, metadata=None
             raise UserError(f"LoRA module {key} targets {path}, a {type(module).__name__}")
         down, up, mid = _checked(key, g, path, module.weight)
         rank = down.shape[0]
-        alpha = _alpha(g, configs[part], _text_path(path) if part == "te" else path, rank)
+        alpha = _alpha(g, configs[part], _text_path(path) if part in TEXT_PARTS else path, rank)
         if merge:
             _merge(module.weight, down, up, mid, scale * alpha / rank)
             applied[(part, path)] = module

@@ -13,6 +13,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
+from .conditioning import Cond
 from .errors import UserError
 from .safetensors_io import atomic_path
 from .scheduler import TIMESTEP_SPACINGS, ddim_step, ddim_timesteps
@@ -37,16 +38,17 @@ def ddim_options(scheduler_config):
     return opts
 
 
-def guided_prediction(unet, x, t, context, guidance):
+def guided_prediction(unet, x, t, cond, guidance):
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6): out = u + s (c - u).
 
     u and c are the unconditional and conditional outputs; s is diffusers' and A1111's "CFG scale", which
-    is the paper's 1 + w. `context` is [uncond; cond] (2B rows), so both halves run in one UNet batch. With
-    s <= 1 there is no unconditional half (as diffusers: s = 1 is the plain conditional model).
+    is the paper's 1 + w. `cond` (a conditioning.Cond, or a bare text context) holds [uncond; cond] rows
+    (2B), so both halves run in one UNet batch. With s <= 1 there is no unconditional half (as diffusers:
+    s = 1 is the plain conditional model).
     """
     if guidance <= 1:
-        return unet(x, t, context)
-    uncond, cond = unet(torch.cat([x, x]), t, context).chunk(2)
+        return unet(x, t, cond)
+    uncond, cond = unet(torch.cat([x, x]), t, cond).chunk(2)
     return uncond + guidance * (cond - uncond)
 
 
@@ -67,26 +69,27 @@ def ddim_sampler(prediction_type="epsilon", eta=0.0, generators=None, set_alpha_
 
 
 @torch.no_grad()
-def sample(unet, x_T, context, timesteps, sampler_step, guidance=7.5, progress=True):
+def sample(unet, x_T, cond, timesteps, sampler_step, guidance=7.5, progress=True):
     """Run any sampler from x_T [B, C, h, w] through `timesteps` (largest first) down to x_0, guiding the
-    UNet with `context` [2B or B, 77, D]. The UNet runs in its own dtype (fp16 on CUDA); the sampler's
-    arithmetic stays in float32. `progress`: a progress bar, or the name of a bar that disappears when done."""
+    UNet with `cond` (2B or B rows: a Cond, or a text context [2B or B, 77, D]). The UNet runs in its own
+    dtype (fp16 on CUDA); the sampler's arithmetic stays in float32. `progress`: a progress bar, or the
+    name of a bar that disappears when done."""
     x = x_T.float()
     unet_dtype = next(unet.parameters()).dtype
     bar = tqdm(timesteps, desc=progress if isinstance(progress, str) else "sampling", disable=not progress,
                leave=not isinstance(progress, str))  # a named bar is a passing one (validation inside training)
     for t, t_prev in zip(bar, timesteps[1:] + [-1]):
-        out = guided_prediction(unet, x.to(unet_dtype), t, context, guidance).float()
+        out = guided_prediction(unet, x.to(unet_dtype), t, cond, guidance).float()
         x = sampler_step(x, out, t, t_prev)
     return x
 
 
-def ddim_sample(unet, x_T, context, steps=50, guidance=7.5, eta=0.0, prediction_type="epsilon",
+def ddim_sample(unet, x_T, cond, steps=50, guidance=7.5, eta=0.0, prediction_type="epsilon",
                 generators=None, progress=True, timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False,
                 clip_sample=False):
     """DDIM with classifier-free guidance from x_T to x_0 (float32): `sample` with the DDIM step."""
     step = ddim_sampler(prediction_type, eta, generators, set_alpha_to_one, clip_sample)
-    return sample(unet, x_T, context, ddim_timesteps(steps, timestep_spacing, steps_offset), step, guidance, progress)
+    return sample(unet, x_T, cond, ddim_timesteps(steps, timestep_spacing, steps_offset), step, guidance, progress)
 
 
 def vae_scale_factor(sd):
@@ -127,15 +130,15 @@ def generate(sd, prompt, negative_prompt="", num_images=1, steps=50, guidance=7.
         ddim_timesteps(steps, opts["timestep_spacing"], opts["steps_offset"])
     except ValueError as e:
         raise UserError(str(e)) from None
-    uncond, cond = sd.encode_prompt([negative_prompt, prompt]).chunk(2)
+    uncond, cond = sd.sampling_conds(prompt, negative_prompt, height, width)
     shape = (1, sd.unet.config.in_channels, height // factor, width // factor)
     images = []
     for first in range(0, num_images, batch_size):
         n = min(batch_size, num_images - first)
         generators = [torch.Generator("cpu").manual_seed(seed + first + i) for i in range(n)]
-        x_T = _gaussian(generators, shape, cond)
-        context = torch.cat([uncond.repeat(n, 1, 1), cond.repeat(n, 1, 1)]) if guidance > 1 else cond.repeat(n, 1, 1)
-        x_0 = ddim_sample(sd.unet, x_T, context, steps, guidance, eta, sd.prediction_type, generators, progress, **opts)
+        x_T = _gaussian(generators, shape, cond.context)
+        rows = Cond.cat([uncond.repeat(n), cond.repeat(n)]) if guidance > 1 else cond.repeat(n)
+        x_0 = ddim_sample(sd.unet, x_T, rows, steps, guidance, eta, sd.prediction_type, generators, progress, **opts)
         images += [Image.fromarray(a.numpy()) for a in decode(sd, x_0)]
     return images
 

@@ -11,7 +11,7 @@ import torch
 
 from . import distributed as dist
 from .errors import UserError
-from .hardware import resolve_hardware
+from .hardware import precision_name, resolve_hardware
 from .run_folder import RunFolder
 
 
@@ -38,8 +38,9 @@ def prepare(cfg, resume, log):
     check_lora_targets(cfg, sd)
     if sd.source.get("revision"):  # pin a Hub model's commit, so that --resume loads the same weights
         cfg.revision = sd.source["revision"]
+    sd.vae.to(hardware.vae_dtype(sd.version, cfg.vae_precision))
     res = cfg.resolution or sd.default_resolution
-    images, captions, warnings = load_instance_images(cfg.images, res, prompt)
+    images, captions, warnings, sizes = load_instance_images(cfg.images, res, prompt, with_sizes=True)
     for w in warnings:
         log(f"warning: {w}")
     class_dir = Path(cfg.class_dir) if cfg.class_dir else default_class_dir(sd.name, class_prompt, res)
@@ -53,7 +54,7 @@ def prepare(cfg, resume, log):
         if dist.is_main():
             run.write_config(config, resolved | {"class_dir": str(class_dir) if cfg.use_prior else None,
                                                  "source": sd.source} | dist.describe(cfg))
-        setup.instance_latents, setup.class_latents = latents(cfg, setup, images, class_dir)
+        setup.instance_latents, setup.class_latents = latents(cfg, setup, images, sizes, class_dir)
     except BaseException:
         if not resume and dist.is_main():
             run.remove_if_empty_start()
@@ -86,9 +87,10 @@ def check_lora_targets(cfg, sd):
                                            "proj_in, ff.net.2, conv1)")
 
 
-def latents(cfg, setup, images, class_dir):
-    """(instance, class) LatentCaches; the class images are drawn first when missing (prior preservation)."""
-    from .data import LatentCache, load_image
+def latents(cfg, setup, images, sizes, class_dir):
+    """(instance, class) LatentCaches; the class images are drawn first when missing (prior preservation).
+    SDXL's caches hold each image's size conditioning, computed from its original size [(h, w)] `sizes`."""
+    from .data import LatentCache, load_image, original_size, photo_time_ids
     from .prior import ensure_class_images
 
     sd, res = setup.sd, setup.resolution
@@ -102,8 +104,10 @@ def latents(cfg, setup, images, class_dir):
             raise UserError(f"class images drawn by other processes are missing in {class_dir}: with torchrun on "
                             "several machines, give --class-dir (and --output) on a filesystem they share")
         class_images = torch.stack([load_image(p, res)[0] for p in paths])
-        class_latents = LatentCache(sd.vae, class_images, flip=cfg.flip)  # encoded when first drawn
-    return LatentCache(sd.vae, images, flip=cfg.flip), class_latents
+        class_sizes = photo_time_ids([original_size(p) for p in paths], res) if sd.version == "sdxl" else None
+        class_latents = LatentCache(sd.vae, class_images, flip=cfg.flip, sizes=class_sizes)  # encoded when first drawn
+    sizes = photo_time_ids(sizes, res) if sd.version == "sdxl" else None
+    return LatentCache(sd.vae, images, flip=cfg.flip, sizes=sizes), class_latents
 
 
 def plan(cfg, setup, n_images, class_dir, default_model=False):
@@ -121,6 +125,10 @@ def plan(cfg, setup, n_images, class_dir, default_model=False):
         if cfg.class_noun == "person" and "{class_noun}" in cfg.prompt else ""
     random = f": {sd.random_note}" + (" (the one model in weights/; --model chooses another)" * default_model) \
         if sd.random_note else ""
+    vae = precision_name(next(sd.vae.parameters()).dtype)
+    why = ": SDXL's VAE overflows fp16 into NaN / black images" if sd.version == "sdxl" and hw.precision == "fp16" else ""
+    vae = "" if vae == hw.precision else f", VAE in {vae}{why}"
+    text_encoders = " + both text encoders" if sd.version == "sdxl" else " + text encoder"
     lines = [f"model       {cfg.model} ({sd.version}, {sd.prediction_type}){random}",
              f"photos      {n_images} from {cfg.images}, {setup.resolution} px, flips {'on' if cfg.flip else 'off'}",
              f"learns      {setup.prompt!r}{noun}",
@@ -128,8 +136,8 @@ def plan(cfg, setup, n_images, class_dir, default_model=False):
              f"validation  {setup.validation_prompt!r}" + (f" every {plural(cfg.validate_every, 'epoch')}"
                                                           if cfg.validate_every else " off"),
              f"training    {plural(steps, 'step')} ({plural(epochs, 'epoch')}), LoRA rank {cfg.rank} on "
-             f"{','.join(cfg.lora_targets)}{' + text encoder' if cfg.train_text_encoder else ''}",
-             f"hardware    {hw.device}, {hw.precision}" + (f", {dist.world_size()} processes (torchrun) of "
+             f"{','.join(cfg.lora_targets)}{text_encoders if cfg.train_text_encoder else ''}",
+             f"hardware    {hw.device}, {hw.precision}{vae}" + (f", {dist.world_size()} processes (torchrun) of "
                                                          f"batch {cfg.batch_size} each" if dist.world_size() > 1 else ""),
              f"output      {setup.run.path}"]
     return "\n".join(lines + time_lines(cfg, setup, cfg.num_class_images - have if cfg.use_prior else 0, steps,

@@ -21,7 +21,7 @@ from .errors import UserError
 from .safetensors_io import fsync_path, write_bytes_atomic, writing
 from .lora import lora_parameters
 from .optim import make_optimizer
-from .lora_file import kohya_name, load_lora, lora_state_dict, save_lora
+from .lora_file import kohya_modules, load_lora, lora_state_dict, save_lora
 
 
 def lr_multiplier(step, warmup, total, kind):
@@ -35,13 +35,18 @@ def lr_multiplier(step, warmup, total, kind):
 
 
 class TrainingState:
-    """LoRA wrappers, AdamW, GradScaler, the LR schedule and the generator of the run's random draws."""
+    """LoRA wrappers, AdamW, GradScaler, the LR schedule and the generator of the run's random draws.
 
-    def __init__(self, cfg, unet_loras, text_loras, scaler, total_steps):
+    SDXL: `text_loras_2` wraps the second text encoder (None for SD 1.x / 2.x), and `unet_paths` names the
+    UNet's layers in the file (lora_file.kohya_unet_paths)."""
+
+    def __init__(self, cfg, unet_loras, text_loras, scaler, total_steps, text_loras_2=None, unet_paths=None):
         self.unet_loras, self.text_loras, self.scaler = unet_loras, text_loras, scaler
+        self.text_loras_2, self.unet_paths = text_loras_2, unet_paths
         groups = [{"params": lora_parameters(unet_loras), "lr": cfg.lr}]
-        if text_loras:
-            groups.append({"params": lora_parameters(text_loras), "lr": cfg.text_encoder_lr or cfg.lr})
+        if text_loras or text_loras_2:
+            groups.append({"params": lora_parameters(text_loras, text_loras_2 or {}),
+                           "lr": cfg.text_encoder_lr or cfg.lr})
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = make_optimizer(groups, cfg.optimizer, cfg.weight_decay)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -87,7 +92,8 @@ class TrainingState:
         return 3 * sum(p.numel() * 4 for p in self.params) + (64 << 10)
 
     def lora_tensors(self):
-        return lora_state_dict(self.unet_loras, self.text_loras)
+        return lora_state_dict(self.unet_loras, self.text_loras, text_loras_2=self.text_loras_2,
+                               unet_paths=self.unet_paths)
 
     def save(self, folder, metadata):
         """Write checkpoints/step_NNNNNN into the run folder `folder`: a temp folder, renamed when whole."""
@@ -121,9 +127,8 @@ class TrainingState:
         tensors, _ = load_lora(path / "lora.safetensors")
         state = torch.load(path / "state.pt", weights_only=True)  # our own file; still never a full unpickle
         with torch.no_grad():
-            for part, loras in (("unet", self.unet_loras), ("te", self.text_loras)):
-                for name, m in loras.items():
-                    _copy_factors(tensors, kohya_name(name, part), m, path)
+            for key, m in kohya_modules(self.unet_loras, self.text_loras, self.text_loras_2, self.unet_paths):
+                _copy_factors(tensors, key, m, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.lr_schedule.load_state_dict(state["lr_scheduler"])

@@ -1,10 +1,10 @@
-"""Text conditioning: CLIP tokenizer and text encoder (transformers' CLIPTextModel) for SD 1.x and 2.x.
+"""Text conditioning: CLIP tokenizer and text encoder (transformers' CLIPTextModel) for SD 1.x, 2.x and XL.
 
 SD 1.x conditions on OpenAI CLIP ViT-L/14's last layer (after the final LayerNorm); its single files
 already use transformers' names. SD 2.x conditions on OpenCLIP ViT-H/14's *penultimate* layer followed by
 the final LayerNorm (LDM `FrozenOpenCLIPEmbedder(layer="penultimate")`); `checkpoint.convert_open_clip` turns those
 weights into an equivalent CLIPTextModel with one layer fewer (checkpoint.py, with the rest of loading).
-Both use the same 49408-token BPE.
+SDXL has both kinds at once (`encode_prompt_sdxl`). All use the same 49408-token BPE.
 """
 import html
 import json
@@ -109,3 +109,21 @@ def encode_prompt(tokenizer, text_encoder, prompts):
     param = next(text_encoder.parameters())
     ids = tokenize(tokenizer, prompts).to(param.device)
     return text_encoder(input_ids=ids).last_hidden_state.to(param.dtype)
+
+
+def encode_prompt_sdxl(tokenizers, text_encoders, prompts):
+    """SDXL's two text encoders -> (context [B, 77, 768 + 1280], pooled [B, 1280]) (Podell et al. 2023, sec. 2.1).
+
+    The context is both encoders' *penultimate* hidden states side by side, without a final LayerNorm on
+    either (sgm `FrozenCLIPEmbedder(layer="hidden", layer_idx=11)` and `FrozenOpenCLIPEmbedder2(layer=
+    "penultimate")`); the pooled vector is OpenCLIP bigG's last layer, final LayerNorm, at the EOS token,
+    times text_projection (`text_embeds` of transformers' CLIPTextModelWithProjection). Tokenizer 1
+    pads with EOS (as SD 1.x), tokenizer 2 with "!" (as SD 2.x).
+    """
+    states = []
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+        param = next(encoder.parameters())
+        out = encoder(input_ids=tokenize(tokenizer, prompts).to(param.device), output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+    dtype = next(text_encoders[0].parameters()).dtype
+    return torch.cat([h.to(dtype) for h in states], dim=-1), out.text_embeds.to(dtype)

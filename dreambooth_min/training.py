@@ -13,9 +13,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed as dist
+from .conditioning import Cond
 from .dreambooth import assemble_batch, dreambooth_step
 from .errors import UserError
 from .lora import TEXT_TARGETS, inject_lora
+from .lora_file import kohya_unet_paths
 from .run_folder import RunFolder
 from .state import TrainingState
 from .validation import Monitor, report_step, validate
@@ -60,9 +62,10 @@ def train(cfg, resume=False, stop_after=None, log=tqdm.write):
 
     setup = prepare(cfg, resume, log)
     log = dist.main_log(log)  # under torchrun rank 0 speaks for all
-    unet_loras, text_loras = add_lora(cfg, setup.sd)
+    unet_loras, text_loras, text_loras_2 = add_lora(cfg, setup.sd)
     micro_per_epoch, total_steps = dist.schedule_length(cfg, len(setup.instance_latents))  # global batches
-    state = TrainingState(cfg, unet_loras, text_loras, setup.hardware.grad_scaler(), total_steps)
+    state = TrainingState(cfg, unet_loras, text_loras, setup.hardware.grad_scaler(), total_steps, text_loras_2,
+                          kohya_unet_paths(setup.sd.unet))
     setup.lora_tensors = state.lora_tensors
     if resume:
         checkpoint = setup.run.resume(state, log)  # the newest whole one; damaged ones are named and passed over
@@ -107,7 +110,7 @@ def run_loop(cfg, setup, state, total_steps, micro_per_epoch, stop_after=None):
 
     n = len(setup.instance_latents)
     bs = min(cfg.batch_size * dist.world_size(), n)  # the global batch
-    contexts = TextContexts(setup.sd, trainable=bool(state.text_loras))
+    contexts = TextContexts(setup.sd, trainable=bool(state.text_loras or state.text_loras_2))
     bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", disable=not dist.is_main())
     start, boundary, running, stop = time.time(), state.generator.get_state(), None, False
     dist.stop_on_signal()
@@ -154,7 +157,7 @@ def micro_step(cfg, setup, state, batch, contexts, share):
         return torch.zeros(3, device=setup.hardware.device)
     sd.unet.train()
     with setup.hardware.autocast():
-        parts = dreambooth_step(sd.unet, batch, contexts(batch.prompts), sd.prediction_type,
+        parts = dreambooth_step(sd.unet, batch, contexts(batch.prompts, batch.time_ids), sd.prediction_type,
                                 cfg.prior_weight if cfg.use_prior else 0.0, cfg.snr_gamma)
     state.scaler.scale(parts[0] * share / cfg.grad_accum).backward()  # GradScaler: no fp16 gradient underflows
     return torch.stack(parts).detach() * share / cfg.grad_accum
@@ -187,29 +190,35 @@ def log_step(cfg, setup, state, running, epoch, seconds, bar):
 
 
 class TextContexts:
-    """Text encodings of captions; a frozen text encoder gives the same one every step, so it is cached."""
+    """The conditioning c of each row: its caption's text encoding (SDXL: a conditioning.Cond of both encoders'
+    states and the pooled text) with the row's size time ids. A frozen text encoder gives the same encoding
+    every step, so it is cached (per caption)."""
 
     def __init__(self, sd, trainable):
         self.sd, self.trainable, self.cache = sd, trainable, {}
 
-    def __call__(self, prompts):
+    def __call__(self, prompts, time_ids=None):
         if self.trainable:
-            return self.sd.encode_prompt(prompts)
-        for p in set(prompts) - self.cache.keys():
-            with torch.no_grad():
-                self.cache[p] = self.sd.encode_prompt([p])
-        return torch.cat([self.cache[p] for p in prompts])
+            cond = self.sd.encode_prompt(prompts)
+        else:
+            for p in set(prompts) - self.cache.keys():
+                with torch.no_grad():
+                    self.cache[p] = self.sd.encode_prompt([p])
+            cond = Cond.cat([self.cache[p] for p in prompts])
+        return cond if time_ids is None else cond.with_time_ids(time_ids)
 
 
 def add_lora(cfg, sd):
-    """LoRA wrappers on the UNet's `lora_targets` (and the text encoder's attention): {path: wrapper} each."""
+    """LoRA wrappers on the UNet's `lora_targets` and, with --train-text-encoder, on the text encoders' attention
+    (SDXL: both): ({path: wrapper} of the UNet, of the text encoder, of SDXL's second one or None)."""
     torch.manual_seed(cfg.seed)  # LoRA's down factors are drawn from the global generator
     unet_loras = inject_lora(sd.unet, cfg.lora_targets, cfg.rank, cfg.alpha or None,
                              conv_rank=cfg.conv_rank or None, conv_alpha=cfg.conv_alpha or None)
-    text_loras = inject_lora(sd.text_encoder, TEXT_TARGETS, cfg.rank, cfg.alpha or None) \
+    text = lambda encoder: inject_lora(encoder, TEXT_TARGETS, cfg.rank, cfg.alpha or None) \
         if cfg.train_text_encoder else {}
+    second = getattr(sd, "text_encoder_2", None)
     sd.unet.gradient_checkpointing = cfg.gradient_checkpointing
-    return unet_loras, text_loras
+    return unet_loras, text(sd.text_encoder), None if second is None else text(second)
 
 
 def lora_metadata(cfg, setup, step):

@@ -1,6 +1,9 @@
-"""The Stable Diffusion 1.x / 2.x denoiser: a text-conditioned UNet over VAE latents (LDM, Rombach et al. 2022).
+"""The Stable Diffusion denoiser (1.x / 2.x / XL): a text-conditioned UNet over VAE latents (LDM, Rombach et al. 2022).
 
-eps_theta(z_t, t, c): z_t [B, 4, h, w] noisy latent, t the timestep, c [B, 77, C] text states.
+eps_theta(z_t, t, c): z_t [B, 4, h, w] noisy latent, t the timestep, c [B, 77, C] text states. SDXL (Podell et
+al. 2023) is the same network with other sizes (no attention at the first level, 1/2/10 transformer blocks per
+level) and one addition: its pooled text embedding and six size numbers are added to the timestep embedding
+(`addition_embed_type="text_time"`); the conditioning arrives as one `conditioning.Cond`.
 Down levels halve the resolution, the middle block runs at the lowest one, and up levels mirror the down
 levels, each of their res blocks eating one skip connection. Levels marked in `attention_levels` put a
 spatial transformer (self-attention, cross-attention to c, GEGLU MLP) after every res block.
@@ -15,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .conditioning import as_cond
 from .errors import UserError
 from .layers import ResnetBlock2D, Upsample2D, attention
 from .memory import Conv2d, norm_silu, recompute_cheap, recompute_in_backward
@@ -34,6 +38,9 @@ class UNetConfig:
     upcast_attention: bool = False                        # SD2 768-v: softmax(QK^T) overflows in fp16
     norm_num_groups: int = 32
     transformer_layers_per_block: int = 1                 # transformer depth (an int, or a tuple per level)
+    addition_embed_type: str = None                       # "text_time" (SDXL): pooled text + size ids join t's embedding
+    addition_time_embed_dim: int = 256                    # SDXL: sinusoid width of each of the six size numbers
+    projection_class_embeddings_input_dim: int = 0        # SDXL: add_embedding's input, pooled 1280 + 6 * 256 = 2816
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -44,6 +51,8 @@ class UNetConfig:
             setattr(self, name, value)
         if not isinstance(self.transformer_layers_per_block, int):
             self.transformer_layers_per_block = tuple(self.transformer_layers_per_block)
+        if self.addition_embed_type not in (None, "text_time"):
+            raise UserError(f"UNet config: addition_embed_type {self.addition_embed_type!r} is not supported")
 
     def depth(self, level):
         """Transformer blocks per attention module at `level` (-1: the deepest level, used by the mid block)."""
@@ -65,6 +74,15 @@ class UNetConfig:
                    cross_attention_dim=1024, use_linear_projection=True, upcast_attention=True)
 
     @classmethod
+    def sdxl(cls):
+        """SDXL base 1.0: three levels, none at the first, 64-wide heads, 1/2/10 transformer blocks per level
+        (10 in the mid block), 2048-wide text (CLIP-L 768 + OpenCLIP-bigG 1280), pooled 1280 + 6 size ids."""
+        return cls(block_out_channels=(320, 640, 1280), attention_levels=(False, True, True),
+                   num_attention_heads=(5, 10, 20), num_head_channels=(64, 64, 64), cross_attention_dim=2048,
+                   use_linear_projection=True, transformer_layers_per_block=(1, 2, 10),
+                   addition_embed_type="text_time", projection_class_embeddings_input_dim=2816)
+
+    @classmethod
     def from_diffusers(cls, cfg):
         """Read a diffusers `unet/config.json` dict. Raises UserError on a UNet this file cannot build."""
         for key, default in _DIFFUSERS_DEFAULTS.items():
@@ -84,6 +102,8 @@ class UNetConfig:
         # diffusers' config calls the number of heads `attention_head_dim` (a historical misnomer); the
         # real head width is channels / heads, so the inner attention width always equals the channels.
         heads = _per_level(cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8), n)
+        if cfg.get("addition_embed_type") not in (None, "text_time"):
+            raise UserError(f"UNet config: addition_embed_type={cfg['addition_embed_type']!r} is not supported")
         if any(c % h for c, h in zip(channels, heads)):
             raise UserError(f"UNet config: channels {channels} are not divisible by heads {heads}")
         context = cfg.get("cross_attention_dim", 1280)
@@ -106,15 +126,18 @@ class UNetConfig:
             upcast_attention=bool(cfg.get("upcast_attention", False)),
             norm_num_groups=cfg.get("norm_num_groups", 32),
             transformer_layers_per_block=depth if isinstance(depth, int) else tuple(depth),
+            addition_embed_type=cfg.get("addition_embed_type"),
+            addition_time_embed_dim=cfg.get("addition_time_embed_dim") or 256,
+            projection_class_embeddings_input_dim=cfg.get("projection_class_embeddings_input_dim") or 0,
         )
 
 
-# diffusers config keys whose non-default values mean a UNet that is not SD 1.x / 2.x (SDXL, upscalers, ...).
+# diffusers config keys whose non-default values mean a UNet we do not build (upscalers, Kandinsky, ...).
 _DIFFUSERS_DEFAULTS = {
     "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "norm_eps": 1e-5, "downsample_padding": 1,
     "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn", "center_input_sample": False,
     "only_cross_attention": False, "dual_cross_attention": False, "resnet_time_scale_shift": "default",
-    "class_embed_type": None, "addition_embed_type": None, "encoder_hid_dim": None, "num_class_embeds": None,
+    "class_embed_type": None, "encoder_hid_dim": None, "num_class_embeds": None,
     "time_embedding_type": "positional", "time_embedding_dim": None, "time_cond_proj_dim": None,
     "timestep_post_act": None, "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default",
     "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "cross_attention_norm": None,
@@ -373,6 +396,8 @@ class UNet2DConditionModel(nn.Module):
         temb_ch = 4 * ch[0]
         self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb_ch)
+        self.add_embedding = (TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb_ch)
+                              if cfg.addition_embed_type == "text_time" else None)
         last = len(ch) - 1
         self.down_blocks = nn.ModuleList([DownBlock(cfg, i, ch[max(i - 1, 0)], ch[i], temb_ch, i < last)
                                           for i in range(len(ch))])
@@ -382,13 +407,17 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=1e-5)
         self.conv_out = Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        """sample [B, in, h, w]; timestep int, 0-d or [B] tensor; encoder_hidden_states [B, M, Cc] -> [B, out, h, w]."""
+    def forward(self, sample, timestep, cond):
+        """sample [B, in, h, w]; timestep int, 0-d or [B] tensor; cond a conditioning.Cond (or SD 1/2's bare
+        context tensor [B, M, Cc]) -> [B, out, h, w]."""
         B = sample.shape[0]
+        cond = as_cond(cond)
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(B)  # [B]
         temb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(sample.dtype))
+        if self.add_embedding is not None:
+            temb = temb + self.add_embedding(self.text_time(cond).to(sample.dtype))
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        context = encoder_hidden_states
+        context = cond.context
 
         x = self.conv_in(sample)  # [B, C0, h, w]
         skips = [x]
@@ -398,3 +427,12 @@ class UNet2DConditionModel(nn.Module):
         for block in self.up_blocks:
             x = block(x, temb, context, skips, ckpt)
         return self.conv_out(norm_silu(self.conv_norm_out, x))  # [B, out, h, w]
+
+    def text_time(self, cond):
+        """SDXL's extra embedding input [B, P + 6 * 256]: the pooled text, then each size number through the
+        same sinusoids as t (sgm `ConcatTimestepEmbedderND`; diffusers `add_time_proj`)."""
+        if cond.pooled is None or cond.time_ids is None:
+            raise ValueError("this UNet (SDXL) needs a Cond with pooled and time_ids, not only a text context")
+        ids = cond.time_ids.to(cond.pooled.device).float()
+        sizes = timestep_embedding(ids.reshape(-1), self.config.addition_time_embed_dim).reshape(len(ids), -1)
+        return torch.cat([cond.pooled.float(), sizes], dim=-1)

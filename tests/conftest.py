@@ -29,3 +29,13 @@ def tiny_sd1(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd2(tmp_path_factory):
     return _tiny(tmp_path_factory, "sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    from tiny_sdxl import make_pipeline, save_folder, save_single_file
+
+    root = tmp_path_factory.mktemp("tiny_sdxl")
+    pipe = make_pipeline()
+    return dict(pipe=pipe, folder=save_folder(pipe, root / "folder"),
+                single=save_single_file(pipe, root / "tiny-sdxl.safetensors"))

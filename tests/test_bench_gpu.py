@@ -15,10 +15,11 @@ from dreambooth_min.unet import UNet2DConditionModel, UNetConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("make, pixels, n_params", [(UNetConfig.sd1, 512, 859_520_964), (UNetConfig.sd2, 768, 865_910_724)])
+@pytest.mark.parametrize("make, pixels, n_params", [(UNetConfig.sd1, 512, 859_520_964), (UNetConfig.sd2, 768, 865_910_724),
+                                                    (UNetConfig.sdxl, 1024, 2_567_463_684)])
 def test_real_shapes_match_diffusers(make, pixels, n_params):
     """Ours and diffusers' UNet from the benchmark's config have the same tensors, and as many as the
-    released SD 1.5 / SD 2.1 UNets (counts of the published checkpoints)."""
+    released SD 1.5 / SD 2.1 / SDXL base 1.0 UNets (counts of the published checkpoints)."""
     from diffusers import UNet2DConditionModel as DiffusersUNet
 
     cfg = make()
@@ -55,9 +56,9 @@ def test_smoke_prints_the_table_with_finite_numbers():
     elapsed = time.perf_counter() - start
     assert out.returncode == 0, out.stderr[-3000:]
     tables = _tables(out.stdout)
-    assert [t.split(",")[0] for t in tables] == ["tiny SD1-like UNet", "tiny SD2-like UNet"]
-    expected = [row[0] for row in gpu.ROWS] + [gpu.SAMPLE_ROW]
+    assert [t.split(",")[0] for t in tables] == ["tiny SD1-like UNet", "tiny SD2-like UNet", "tiny SDXL-like UNet"]
     for title, rows in tables.items():
+        expected = [row[0] for row in gpu.SDXL_ROWS] if "SDXL" in title else [row[0] for row in gpu.ROWS] + [gpu.SAMPLE_ROW]
         assert list(rows) == expected, title
         for label, cells in rows.items():
             assert len(cells) == 6, (title, label)

@@ -63,7 +63,7 @@ def test_unet_vae_text_match_reference(tiny, layout):
         for (name, tol), a, b in zip(TOLS.items(), ours, ref):
             print(f"{name}: max |diff| {maxdiff(a, b):.2e}")
             assert maxdiff(a, b) <= tol, name
-        prompt = sd.encode_prompt(["a photo of sks dog"])
+        prompt = sd.encode_prompt(["a photo of sks dog"]).context
         assert prompt.shape == (1, 77, ref[-1].shape[-1]) and maxdiff(prompt, ref[-1][:1]) <= TOL
     assert sd.vae.scaling_factor == pytest.approx(0.18215)
 
@@ -209,8 +209,8 @@ def test_missing_misshaped_and_unknown_tensors(tiny_sd1, tmp_path):
     with pytest.raises(UserError, match="not a Stable Diffusion checkpoint"):
         load(f)
     f = _rewrite(tiny_sd1["single"], tmp_path / "d.safetensors",
-                 lambda t: t.__setitem__("conditioner.embedders.0.transformer.x", torch.zeros(1)))
-    with pytest.raises(UserError, match="SDXL"):
+                 lambda t: t.__setitem__("conditioner.embedders.0.model.ln_final.weight", torch.zeros(1)))
+    with pytest.raises(UserError, match="SDXL refiner"):
         load(f)
     f = _rewrite(tiny_sd1["single"], tmp_path / "e.safetensors",
                  lambda t: t.__setitem__("lora_unet_down_blocks_0_x.lora_down.weight", torch.zeros(1)))

@@ -53,6 +53,9 @@ class _Latents:
     def sample(self, index, generator=None):
         return torch.stack([torch.full((4, 2, 2), float(i) + self.offset) for i in index])
 
+    def time_ids(self, index):  # an SD 1.x / 2.x model: no size conditioning
+        return None
+
 
 def test_assemble_batch_puts_the_subject_first_then_as_many_class_rows():
     g = torch.Generator().manual_seed(0)

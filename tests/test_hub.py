@@ -67,8 +67,8 @@ def hub(repos, tmp_path, monkeypatch):
     server.add("tiny/single", repos["single"])
     server.add("tiny/gated", repos["sd"], gated=True)
     server.add("tiny/bert", {"config.json": b"{}", "model.safetensors": save({"w": torch.zeros(2)})})
-    server.add("tiny/sdxl", {k: v for k, v in repos["sd"].items() if k.endswith(".json")}
-               | {"text_encoder_2/config.json": b"{}"})
+    server.add("tiny/sd3", {k: v for k, v in repos["sd"].items() if k.endswith(".json")}
+               | {"text_encoder_3/config.json": b"{}", "transformer/config.json": b"{}"})
     _env(monkeypatch, HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / "hf"), **dict.fromkeys(CLEARED))
     yield server
     server.stop()
@@ -213,7 +213,7 @@ def test_unreachable_hub_uses_the_cache_or_says_so(hub, monkeypatch):
                        r"with `hf auth login` \(or set HF_TOKEN\)$"),
     ("tiny/gated", {"HF_TOKEN": "hf_bad"}, "^your Hugging Face token has no access to the gated repo tiny/gated"),
     ("tiny/bert", {}, r"^tiny/bert is not a diffusers Stable Diffusion repo \(no model_index.json\)"),
-    ("tiny/sdxl", {}, r"^tiny/sdxl is an SDXL/SD3 model"),
+    ("tiny/sd3", {}, r"^tiny/sd3 is a diffusion-transformer model \(SD3, Flux, ...: no UNet\)"),
     ("sd99", {}, r"^model not found: sd99 does not exist"),
 ])
 def test_errors_are_one_line(hub, monkeypatch, spec, env, message):

@@ -139,7 +139,7 @@ def test_from_diffusers_real_configs():
     assert ours.use_linear_projection and ours.upcast_attention and ours.transformer_layers_per_block == 2
 
 
-@pytest.mark.parametrize("bad", [dict(addition_embed_type="text_time"), dict(class_embed_type="timestep"),
+@pytest.mark.parametrize("bad", [dict(addition_embed_type="text_image"), dict(class_embed_type="timestep"),
                                  dict(down_block_types=["AttnDownBlock2D"] + DOWN[1:]),
                                  dict(up_block_types=list(reversed(UP))), dict(attention_head_dim=7),
                                  dict(resnet_time_scale_shift="scale_shift")])

@@ -1,0 +1,103 @@
+"""SDXL checkpoints: what loading SDXL adds to checkpoint.py (kept apart so the SD 1.x / 2.x tables stay short).
+
+The released single file `sd_xl_base_1.0.safetensors` (Stability-AI generative-models, "sgm") holds
+    model.diffusion_model.*                           the UNet in LDM names, as SD 1.x / 2.x, plus `label_emb.0.{0,2}`:
+                                                      the MLP that embeds [pooled text; 6 size sinusoids] (diffusers'
+                                                      `add_embedding.linear_{1,2}`)
+    first_stage_model.*                               the VAE, as SD (its latents scale by 0.13025, not 0.18215)
+    conditioner.embedders.0.transformer.text_model.*  OpenAI CLIP ViT-L/14 in transformers' names (12 layers, the
+                                                      penultimate is used: layer 12 and final_layer_norm are stored
+                                                      but never run)
+    conditioner.embedders.1.model.*                   OpenCLIP ViT-bigG/14 text tower in OpenCLIP names: 32 resblocks,
+                                                      ln_final, text_projection [1280, 1280] (applied as x @ P)
+A diffusers folder has unet/, vae/, text_encoder/ (CLIPTextModel), text_encoder_2/ (CLIPTextModelWithProjection),
+tokenizer/ and tokenizer_2/. Unlike SD 2.x, no OpenCLIP layer can be dropped: the context is the penultimate
+layer, but the pooled vector runs all 32 and the final LayerNorm.
+
+Other files that look alike are refused with one line: the SDXL refiner (only the OpenCLIP embedder, as
+`conditioner.embedders.0.model.*`, and 5 size/aesthetic numbers instead of 6), and the transformer families
+(SD3 `joint_blocks`, Flux `double_blocks`).
+"""
+import torch
+
+from .errors import UserError
+
+CLIP_L_PREFIX = "conditioner.embedders.0.transformer."  # + text_model.*: transformers' CLIPTextModel names
+BIGG_PREFIX = "conditioner.embedders.1.model."  # OpenCLIP bigG text tower
+REFINER_PREFIX = "conditioner.embedders.0.model."  # the refiner's only embedder is OpenCLIP bigG
+VAE_SCALING_FACTOR = 0.13025  # sgm `scale_factor` for SDXL's VAE (retrained decoder, same architecture)
+# LDM's `label_emb` (a Sequential: Linear, SiLU, Linear) is diffusers' add_embedding.
+UNET_ADD_EMBEDDING_ROWS = [("label_emb.0.0.", "add_embedding.linear_1.", []),
+                           ("label_emb.0.2.", "add_embedding.linear_2.", [])]
+OTHER_FAMILIES = {"joint_blocks.": "Stable Diffusion 3", "double_blocks.": "Flux",
+                  "transformer_blocks.0.ff_context": "a diffusion-transformer model"}
+
+
+def single_file_family(name, keys):
+    """"sdxl" for an SDXL base file, None for SD 1.x / 2.x; UserError (one line) for a family we cannot run."""
+    keys = list(keys)
+    if any(k.startswith(REFINER_PREFIX) for k in keys):
+        raise UserError(f"{name} is an SDXL refiner (it conditions on an aesthetic score and has no CLIP-L text "
+                        "encoder); only the SDXL base model is supported")
+    for marker, family in OTHER_FAMILIES.items():
+        if any(k.startswith(marker) or k.startswith("model.diffusion_model." + marker) for k in keys):
+            raise UserError(f"{name} is a {family} checkpoint; only Stable Diffusion 1.x, 2.x and XL are supported")
+    return "sdxl" if any(k.startswith(BIGG_PREFIX) for k in keys) else None
+
+
+def folder_family(name, model_index):
+    """The same decision for a diffusers folder, from its model_index.json."""
+    cls = model_index.get("_class_name", "")
+    if "transformer" in model_index or "text_encoder_3" in model_index:
+        raise UserError(f"{name} is a {cls or 'diffusion-transformer'} model (no UNet); only Stable Diffusion "
+                        "1.x, 2.x and XL are supported")
+    has = lambda part: isinstance(model_index.get(part), list) and model_index[part][0] is not None
+    if has("text_encoder_2"):
+        if not has("text_encoder") or model_index.get("requires_aesthetics_score"):
+            raise UserError(f"{name} is an SDXL refiner (it conditions on an aesthetic score and has no CLIP-L "
+                            "text encoder); only the SDXL base model is supported")
+        return "sdxl"
+    return None
+
+
+def convert_open_clip_with_projection(tensors):
+    """OpenCLIP text-tower tensors -> transformers CLIPTextModelWithProjection tensors, every layer kept.
+
+    text_projection is stored as P [width, proj] and applied as x @ P; nn.Linear computes x W^T, so W = P^T.
+    """
+    from .checkpoint import convert_open_clip
+
+    if "text_projection" not in tensors:
+        raise UserError("unknown text encoder architecture: the OpenCLIP text tower has no text_projection")
+    out = convert_open_clip(tensors, drop_last=False)
+    out["text_projection.weight"] = tensors["text_projection"].T
+    return out
+
+
+def text_encoder_2_config(tensors, config=None):
+    """CLIPTextConfig for bigG from its (transformers-named) tensors: exact GELU, projection width from the tensor."""
+    from .checkpoint import text_config_from_state_dict
+
+    config = config or text_config_from_state_dict(tensors, "sd2")
+    config.projection_dim = tensors["text_projection.weight"].shape[0]
+    return config
+
+
+def load_text_single_file(f, dtype, device):
+    """(text_encoder, text_encoder_2) from an SDXL single file's two embedders."""
+    from transformers import CLIPTextModelWithProjection
+
+    from .checkpoint import _load_text
+
+    clip_l = {k[len(CLIP_L_PREFIX):]: f.read(k) for k in f.shapes if k.startswith(CLIP_L_PREFIX)}
+    if not clip_l:
+        raise UserError(f"{f.path} has no CLIP-L text encoder ({CLIP_L_PREFIX}*)")
+    bigg = convert_open_clip_with_projection({k[len(BIGG_PREFIX):]: f.read(k) for k in f.shapes
+                                              if k.startswith(BIGG_PREFIX)})
+    return (_load_text(clip_l, "sd1", dtype, device),
+            _load_text(bigg, "sd2", dtype, device, text_encoder_2_config(bigg), cls=CLIPTextModelWithProjection))
+
+
+def vae_dtype(dtype):
+    """SDXL's VAE overflows in fp16 (NaN / black images): it runs in fp32 when the rest is fp16."""
+    return torch.float32 if dtype == torch.float16 else dtype
