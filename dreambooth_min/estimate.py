@@ -33,7 +33,8 @@ def seconds_per_latent(sd, hardware, resolution):
     weight = unet.conv_in.weight
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, unet.config.in_channels, side, side, generator=g).to(weight.device, weight.dtype)
-    context = torch.zeros(1, 77, unet.config.cross_attention_dim, device=weight.device, dtype=weight.dtype)
+    # the model's own conditioning (SDXL's UNet also needs pooled text and size ids), of an empty prompt
+    cond = sd.sampling_conds("", "", resolution, resolution)[1].to(weight.device, weight.dtype)
     cuda = hardware.device_type == "cuda"
     times = []
     for _ in range(3):
@@ -41,7 +42,7 @@ def seconds_per_latent(sd, hardware, resolution):
             torch.cuda.synchronize(hardware.device)
         start = time.perf_counter()
         with hardware.autocast():
-            unet(x, 500, context)
+            unet(x, 500, cond)
         if cuda:
             torch.cuda.synchronize(hardware.device)
         times.append(time.perf_counter() - start)
