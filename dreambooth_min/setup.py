@@ -80,6 +80,7 @@ def latents(cfg, setup, images, class_dir):
 
 def plan(cfg, setup, n_images, class_dir):
     """The few lines train.py prints before any slow work: what will be learnt, from what, how long."""
+    from .optim import describe as describe_optimizer
     from .prior import class_image_paths
 
     sd, hw = setup.sd, setup.hardware
@@ -98,6 +99,9 @@ def plan(cfg, setup, n_images, class_dir):
                                                           if cfg.validate_every else " off"),
              f"training    {steps} step{'s' * (steps != 1)} ({steps * cfg.grad_accum / micro:g} epochs), LoRA rank {cfg.rank} on "
              f"{','.join(cfg.lora_targets)}{' + text encoder' if cfg.train_text_encoder else ''}",
+             f"optimizer   {describe_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.prodigy_d_coef)}",
+             *([f"pivotal     new tokens {cfg.resolved_token()}, initialised from {cfg.class_noun!r}, lr "
+                f"{cfg.embedding_lr or cfg.lr:g}, written to embedding.safetensors"] if cfg.pivotal else []),
              f"hardware    {hw.device}, {hw.precision}" + (f", {dist.world_size()} processes (torchrun) of "
                                                          f"batch {cfg.batch_size} each" if dist.world_size() > 1 else ""),
              f"output      {setup.run.path}"]

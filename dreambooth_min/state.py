@@ -35,15 +35,19 @@ def lr_multiplier(step, warmup, total, kind):
 
 
 class TrainingState:
-    """LoRA wrappers, AdamW, GradScaler, the LR schedule and the generator of the run's random draws."""
+    """LoRA wrappers (and --pivotal's new token rows), the optimizer, GradScaler, the LR schedule and the
+    generator of the run's random draws."""
 
-    def __init__(self, cfg, unet_loras, text_loras, scaler, total_steps):
+    def __init__(self, cfg, unet_loras, text_loras, scaler, total_steps, embeddings=None):
         self.unet_loras, self.text_loras, self.scaler = unet_loras, text_loras, scaler
+        self.embeddings = embeddings  # pivotal.PivotalTokens: the new tokens' rows (--pivotal), or None
         groups = [{"params": lora_parameters(unet_loras), "lr": cfg.lr}]
         if text_loras:
             groups.append({"params": lora_parameters(text_loras), "lr": cfg.text_encoder_lr or cfg.lr})
+        if embeddings:
+            groups.append({"params": embeddings.parameters(), "lr": cfg.embedding_lr or cfg.lr})
         self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = make_optimizer(groups, cfg.optimizer, cfg.weight_decay)
+        self.optimizer = make_optimizer(groups, cfg.optimizer, cfg.weight_decay, cfg.prodigy_d_coef)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_multiplier(s, cfg.warmup_steps, total_steps, cfg.lr_schedule))
         # Noise, timesteps, class-image choice, latent samples and flips; the epoch order has its own
@@ -101,7 +105,8 @@ class TrainingState:
             buffer = io.BytesIO()  # torch.save to a file hides a full disk in a RuntimeError; this write does not
             torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
                         "scaler": self.scaler.state_dict(), "lr_scheduler": self.lr_schedule.state_dict(),
-                        "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}, buffer)
+                        "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
+                       | ({"embeddings": self.embeddings.vectors()} if self.embeddings else {}), buffer)
             write_bytes_atomic(tmp / "state.pt", buffer.getvalue())
             files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256(tmp / name)}
                      for name in CHECKPOINT_FILES}
@@ -124,6 +129,8 @@ class TrainingState:
             for part, loras in (("unet", self.unet_loras), ("te", self.text_loras)):
                 for name, m in loras.items():
                     _copy_factors(tensors, kohya_name(name, part), m, path)
+        if self.embeddings:
+            self.embeddings.load(state.get("embeddings", {}), path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.lr_schedule.load_state_dict(state["lr_scheduler"])
