@@ -371,6 +371,8 @@ def parse_args(argv=None):
     p.add_argument("--no-text-encoder", action="store_true", help="no LoRA on the text encoder")
     p.add_argument("--samples", type=int, help=f"samples per prompt and model (default: {d.samples})")
     p.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (default: {d.guidance})")
+    p.add_argument("--pivotal", action="store_true", help="instead: fidelity per step of pivotal tuning against plain "
+                   "DreamBooth-LoRA (examples/toyworld/pivotal.py)")
     return p.parse_args(argv)
 
 
@@ -390,6 +392,10 @@ def settings_from_args(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.pivotal:
+        from .pivotal import main as pivotal_main
+
+        return pivotal_main(settings_from_args(args), args.out, args.model)
     results = run(settings_from_args(args), args.out, args.model)
     print(table(results))
     print("wall seconds:", json.dumps(results["wall_seconds"]))
