@@ -25,20 +25,20 @@ EVERY = 50
 METHODS = {"dreambooth": ("sks", []), "pivotal": ("<s0><s1>", ["--pivotal"])}
 
 
-def train_commands(s, model_path, out, class_dir):
-    """{method: train.py command}: the experiment's prior-preservation run, checkpointed every EVERY steps."""
+def train_commands(s, model_path, out, class_dir, every=EVERY):
+    """{method: train.py command}: the experiment's prior-preservation run, checkpointed every `every` steps."""
     commands = {}
     for method, (token, extra) in METHODS.items():
         cmd = experiment.train_command(s, model_path, out, method, class_dir)
-        commands[method] = cmd + ["--prompt", "a photo of {token} circle", "--save-every", str(EVERY),
+        commands[method] = cmd + ["--prompt", "a photo of {token} circle", "--save-every", str(every),
                                   "--keep-checkpoints", "1000"] + extra  # later flags win
     return commands
 
 
-def snapshots(run_dir, steps):
+def snapshots(run_dir, steps, every=EVERY):
     """[(step, LoRA file or None, {file key: new rows} or None)]: the base model, each checkpoint, the end."""
     found = [(0, None, None)]
-    for step in range(EVERY, steps, EVERY):
+    for step in range(every, steps, every):
         folder = run_dir / "checkpoints" / f"step_{step:06d}"
         state = torch.load(folder / "state.pt", weights_only=True)
         found.append((step, folder / "lora.safetensors", state.get("embeddings")))
@@ -99,20 +99,20 @@ def prepare(s, out, model_path):
     return Path(model_path), prototypes, experiment.class_images(s, model_path, out)
 
 
-def run_comparison(s, out, model_path=None):
+def run_comparison(s, out, model_path=None, every=EVERY):
     """Both runs, every snapshot measured; returns the results (also out/pivotal.json)."""
     from dreambooth_min.report import write_text_atomic
 
     torch.set_num_threads(s.threads)
     out, start = Path(out), time.time()
     model_path, prototypes, class_dir = prepare(s, out, model_path)
-    commands, results = train_commands(s, model_path, out, class_dir), {}
+    commands, results = train_commands(s, model_path, out, class_dir, every), {}
     for method, cmd in commands.items():
         t = time.time()
         experiment.run_train(cmd, s.threads)
         seconds, token = round(time.time() - t, 1), METHODS[method][0]
         curve = []
-        for step, lora, rows in tqdm(snapshots(out / "runs" / method, s.db_steps), desc=f"measuring {method}"):
+        for step, lora, rows in tqdm(snapshots(out / "runs" / method, s.db_steps, every), desc=f"measuring {method}"):
             curve.append({"step": step} | measure(s, model_at(model_path, lora, rows, token), token, prototypes))
         results[method] = {"curve": curve, "train_seconds": seconds, "fidelity_90_at": first_step(curve),
                            "command": " ".join(cmd[1:])}
