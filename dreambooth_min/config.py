@@ -80,7 +80,7 @@ class TrainConfig:
     lr_schedule: str = option("constant", "learning-rate schedule after the linear warmup", OPTIM,
                               choices=("constant", "cosine"), flags=("--lr-schedule", "--lr-scheduler"))
     warmup_steps: int = option(0, "linear warmup steps", OPTIM)
-    weight_decay: float = option(1e-2, "AdamW weight decay", OPTIM)
+    weight_decay: float = option(1e-2, "decoupled weight decay (AdamW's; Prodigy's too)", OPTIM)
     optimizer: str = option("adamw", "adamw; adamw8bit (bitsandbytes, CUDA: less optimizer memory); prodigy "
                                      "(prodigyopt: estimates its own step size)", OPTIM,
                             choices=("adamw", "adamw8bit", "prodigy"))

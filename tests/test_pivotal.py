@@ -192,3 +192,21 @@ def test_sdxl_layout_and_bad_files_are_one_line(tiny_sd1, tmp_path, capsys):
         assert sample.main(common + [str(tmp_path / f"{name}.safetensors")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and message in err and "\n" not in err, err
+
+
+def test_sd2_vectors_round_trip_through_the_file(tiny_sd2, tmp_path):
+    sd = load(tiny_sd2["single"])
+    cfg = TrainConfig(class_noun="dog", pivotal=True)
+    tokens = pivotal.start(cfg, sd, ["a photo of <s0><s1> dog"], log=print)
+    with torch.no_grad():
+        tokens.tables["clip_h"].vectors.add_(torch.linspace(-0.1, 0.1, 64))  # as if trained
+    pivotal.save(tmp_path / "e.safetensors", tokens, cfg, sd, step=0)
+    prompts = ["a photo of <s0><s1> dog", "a photo of dog !!"]  # SD 2.x pads with "!": plain prompts unchanged
+    with torch.no_grad():
+        trained = sd.encode_prompt(prompts)
+        fresh = load(tiny_sd2["single"])
+        plain = fresh.encode_prompt(prompts[1:])
+        assert pivotal.use_embedding(fresh, tmp_path / "e.safetensors") == "<s0><s1>"
+        assert torch.equal(fresh.encode_prompt(prompts), trained) and torch.equal(trained[1:], plain)
+    vectors, _, meta = load_embedding(tmp_path / "e.safetensors")
+    assert list(vectors) == ["emb_params"] and vectors["emb_params"].shape == (2, 64) and meta["encoders"] == "clip_h"
