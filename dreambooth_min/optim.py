@@ -28,8 +28,8 @@ from .errors import UserError
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 DEFAULT_LR = {"adamw": 1e-4, "adamw8bit": 1e-4, "prodigy": 1.0}  # --lr 0 means these
 # As diffusers' advanced DreamBooth script passes them (its defaults for --optimizer prodigy): Adam's betas and eps,
-# beta3 = sqrt(beta2), AdamW-style decay, Adam's bias correction, and lr left out of the d estimate's denominator
-# during warmup (safeguard_warmup: a warmup's small lr would otherwise inflate d).
+# beta3 = sqrt(beta2), AdamW-style decay, Adam's bias correction, and safeguard_warmup, which leaves lr out of the
+# denominator of the d estimate ("to avoid issues during warm-up stage", prodigyopt's docstring).
 PRODIGY_SETTINGS = dict(betas=(0.9, 0.999), beta3=None, eps=1e-8, decouple=True, use_bias_correction=True,
                         safeguard_warmup=True)
 
