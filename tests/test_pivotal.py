@@ -210,3 +210,14 @@ def test_sd2_vectors_round_trip_through_the_file(tiny_sd2, tmp_path):
         assert torch.equal(fresh.encode_prompt(prompts), trained) and torch.equal(trained[1:], plain)
     vectors, _, meta = load_embedding(tmp_path / "e.safetensors")
     assert list(vectors) == ["emb_params"] and vectors["emb_params"].shape == (2, 64) and meta["encoders"] == "clip_h"
+
+
+def test_fp16_path_keeps_the_new_rows_in_fp32(tiny_sd1, tmp_path):
+    """--precision fp16 (the CUDA path, here on the CPU): fp16 table, fp32 trained rows, finite after GradScaler."""
+    r = train(config(tmp_path, tiny_sd1["single"], pivotal=True, steps=2, lr=1e-3, prior_weight=0.0, precision="fp16"),
+              log=lambda *_: None)
+    vectors, _, _ = load_embedding(r["output"] / "embedding.safetensors")
+    assert torch.isfinite(vectors["emb_params"]).all() and vectors["emb_params"].shape == (2, 32)
+    sd = load(tiny_sd1["single"])
+    dog = sd.text_encoder.get_input_embeddings().weight[sd.tokenizer("dog", add_special_tokens=False).input_ids]
+    assert (vectors["emb_params"] - dog.float()).abs().max() > 5e-4  # a step was taken (Adam: ~lr a step)
