@@ -14,6 +14,7 @@ Initialisation: every new vector starts as the class noun's embedding (the mean 
 noun is several tokens). diffusers' script draws random vectors scaled to the table's std; others start from a
 chosen word. Starting from the noun puts the identifier where the class already is: "a photo of <s0><s1> dog"
 begins as "a photo of dog dog dog", and the first steps refine the subject instead of searching for the class.
+(That is the intent; in the toy world, one seed, random initialisation did better: docs/prodigy-and-pivotal.md.)
 """
 import re
 
