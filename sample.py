@@ -17,6 +17,7 @@ import dreambooth_min
 from dreambooth_min.errors import UserError
 from dreambooth_min.lora_file import apply_lora, load_lora, lora_label, parse_lora_arg
 from dreambooth_min.safetensors_io import check_writable
+from dreambooth_min.pivotal import use_embedding
 from dreambooth_min.sampling import check_size, generate, image_grid, parameters_text, save_png
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -47,6 +48,9 @@ def parse_args(argv=None):
                         "matching --model) and its strength, e.g. "
                         "style.safetensors:0.8; repeat to combine several (default strength: --lora-scale)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="strength of a --lora without :SCALE (default: 1.0)")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                   help="a textual-inversion embedding from train.py --pivotal (embedding.safetensors): its new tokens, "
+                        "e.g. <s0><s1>, can then be written in --prompt; repeatable")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
                    help="override what the UNet predicts (SD 2.x single files: a <name>.yaml beside the file, "
                         "else the name decides: '512' or 'base' = epsilon, otherwise v)")
@@ -80,6 +84,9 @@ def run(args):
     dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
 
     loras = [parse_lora_arg(text, args.lora_scale) for text in args.lora]  # missing files: fail before loading
+    for path in args.embedding:
+        if not Path(path).is_file():
+            raise UserError(f"embedding file {path} does not exist")
     model_path = args.model or dreambooth_min.find_default_model()
     sd = dreambooth_min.load(model_path, dtype=dtype, device=device, prediction_type=args.prediction_type,
                              revision=args.revision)
@@ -88,6 +95,10 @@ def run(args):
     for path, scale in loras:  # merged one after another: W + sum_i scale_i (alpha_i / r_i) B_i A_i
         tensors, metadata = load_lora(path)
         apply_lora(sd.unet, sd.text_encoder, tensors, scale=scale, metadata=metadata, text_encoder_2=sd.text_encoder_2)
+    for path in args.embedding:
+        tokens = use_embedding(sd, path)
+        if tokens not in args.prompt + args.negative_prompt:
+            print(f"warning: the prompt does not use the embedding {path}: write {tokens} in it", file=sys.stderr)
     lora = lora_label(loras)
     height = sd.default_resolution if args.height is None else args.height
     width = sd.default_resolution if args.width is None else args.width

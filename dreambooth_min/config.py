@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .lora import UNET_TARGETS
+from .optim import DEFAULT_LR
 
 
 class SettingError(UserError):
@@ -36,8 +37,10 @@ class TrainConfig:
     images: str = option("", "a folder of 3-10 photos of the subject (jpg/png/webp/bmp/tiff; "
                              "name.txt beside name.jpg = its caption)", SUBJECT, metavar="FOLDER")
     class_noun: str = option("person", "what the subject is, e.g. dog, girl, backpack: the prior's class", SUBJECT)
-    prompt: str = option("a photo of sks {class_noun}", "instance prompt; 'sks' is the rare token that comes to "
-                         "mean your subject", SUBJECT)
+    prompt: str = option("a photo of {token} {class_noun}", "instance prompt; {token} (sks) is the rare token that "
+                         "comes to mean your subject", SUBJECT)
+    token: str = option("", "the subject's identifier, {token} in the prompts (default: sks; with --pivotal the "
+                            "new tokens <s0><s1>)", SUBJECT)
     model: str = option("", "a .safetensors file, a diffusers folder, a Hub repo id (owner/name or "
                             "owner/name/file.safetensors) or sd15 / sd21 / sd21-base / sdxl (default: the one model in "
                             "weights/, else sd15 from the Hub)", SUBJECT, metavar="MODEL")
@@ -66,17 +69,23 @@ class TrainConfig:
     conv_rank: int = option(0, "rank of LoRA on convolutions named in --lora-targets (LoCon: conv1, conv2, ...); "
                                "0: = --rank", LORA)
     conv_alpha: float = option(0.0, "alpha of the convolution LoRA (0: = --alpha)", LORA)
+    pivotal: bool = option(False, "pivotal tuning: also learn new tokens' embeddings (--token, default <s0><s1>, "
+                                  "initialised from --class-noun's), written apart to embedding.safetensors", LORA)
 
     epochs: int = option(300, "passes over the instance images", OPTIM)
     steps: int = option(0, "optimizer steps; overrides --epochs when > 0", OPTIM)
-    lr: float = option(1e-4, "AdamW learning rate of the LoRA factors", OPTIM)
+    lr: float = option(0.0, "learning rate of the LoRA factors (0: 1e-4 for adamw; 1.0 for prodigy, where it "
+                            "multiplies the step size Prodigy estimates)", OPTIM)
     text_encoder_lr: float = option(0.0, "learning rate of the text-encoder LoRA (0: = --lr)", OPTIM)
+    embedding_lr: float = option(0.0, "learning rate of the new token embeddings with --pivotal (0: = --lr)", OPTIM)
     lr_schedule: str = option("constant", "learning-rate schedule after the linear warmup", OPTIM,
                               choices=("constant", "cosine"), flags=("--lr-schedule", "--lr-scheduler"))
     warmup_steps: int = option(0, "linear warmup steps", OPTIM)
-    weight_decay: float = option(1e-2, "AdamW weight decay", OPTIM)
-    optimizer: str = option("adamw", "adamw, or adamw8bit (bitsandbytes, CUDA: less optimizer memory)", OPTIM,
-                            choices=("adamw", "adamw8bit"))
+    weight_decay: float = option(1e-2, "decoupled weight decay (AdamW's; Prodigy's too)", OPTIM)
+    optimizer: str = option("adamw", "adamw; adamw8bit (bitsandbytes, CUDA: less optimizer memory); prodigy "
+                                     "(prodigyopt: estimates its own step size)", OPTIM,
+                            choices=("adamw", "adamw8bit", "prodigy"))
+    prodigy_d_coef: float = option(1.0, "Prodigy's d_coef: scales its estimated step size (0.5-2)", OPTIM)
     batch_size: int = option(1, "instance images per step; as many class images are added", OPTIM)
     grad_accum: int = option(1, "micro-batches per optimizer step", OPTIM)
     max_grad_norm: float = option(1.0, "gradient clipping", OPTIM)
@@ -116,21 +125,27 @@ class TrainConfig:
         return any(every and epoch % every == 0 for every in (self.validate_every, self.eval_every))
 
     def resolved_prompts(self):
-        """(instance, class, validation) prompts with {class_noun} and {prompt} filled in."""
-        prompt = _fill("prompt", self.prompt, class_noun=self.class_noun)
-        return prompt, _fill("class_prompt", self.class_prompt, class_noun=self.class_noun), \
-            _fill("validation_prompt", self.validation_prompt, prompt=prompt, class_noun=self.class_noun)
+        """(instance, class, validation) prompts with {class_noun}, {token} and {prompt} filled in."""
+        words = dict(class_noun=self.class_noun, token=self.resolved_token())
+        prompt = _fill("prompt", self.prompt, **words)
+        return prompt, _fill("class_prompt", self.class_prompt, **words), \
+            _fill("validation_prompt", self.validation_prompt, prompt=prompt, **words)
+
+    def resolved_token(self):
+        """The identifier {token}: --token, else sks (DreamBooth's rare token), or with --pivotal <s0><s1>."""
+        return self.token or ("<s0><s1>" if self.pivotal else "sks")
 
     def check(self):
         """Raise SettingError for a setting that cannot train anything (before any slow work)."""
-        positive = ["rank", "batch_size", "grad_accum", "lr", "class_steps"] + ["epochs"] * (not self.steps)
+        self.lr = self.lr or DEFAULT_LR.get(self.optimizer, DEFAULT_LR["adamw"])  # config.json records the rate used
+        positive = ["rank", "batch_size", "grad_accum", "lr", "class_steps", "prodigy_d_coef"] + ["epochs"] * (not self.steps)
         if self.validate_every or self.eval_every:
             positive += ["validation_images", "validation_steps"]
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingError(name, f"must be positive, not {getattr(self, name)}")
         for name in ("steps", "num_class_images", "prior_weight", "warmup_steps", "validate_every", "save_every", "eval_every",
-                     "conv_rank", "conv_alpha",
+                     "conv_rank", "conv_alpha", "embedding_lr",
                      "snr_gamma", "offset_noise", "alpha", "resolution"):
             if getattr(self, name) < 0:
                 raise SettingError(name, f"must not be negative, not {getattr(self, name)}")
@@ -141,6 +156,20 @@ class TrainConfig:
             if choices and getattr(self, f.name) not in choices + ("",):
                 raise SettingError(f.name, f"must be one of {', '.join(choices)}, not {getattr(self, f.name)!r}")
         self.resolved_prompts()
+        self._check_prodigy_and_pivotal()
+
+    def _check_prodigy_and_pivotal(self):
+        if self.optimizer == "prodigy":
+            for name in ("text_encoder_lr", "embedding_lr"):
+                if getattr(self, name) not in (0, self.lr):
+                    raise SettingError(name, "cannot differ from --lr with --optimizer prodigy: it estimates one step "
+                                             "size for all parameters (leave it out)")
+        if self.pivotal:
+            from .pivotal import check_tokens
+
+            problem = check_tokens(self.resolved_token(), self.resolved_prompts()[0])
+            if problem:
+                raise SettingError("token", problem)
 
     def schedule_length(self, n_images):
         """(micro-batches per epoch, optimizer steps in the run) for `n_images` photos."""

@@ -112,6 +112,7 @@ def latents(cfg, setup, images, sizes, class_dir):
 
 def plan(cfg, setup, n_images, class_dir, default_model=False):
     """The few lines train.py prints before any slow work: what will be learnt, from what, how long."""
+    from .optim import describe as describe_optimizer
     from .prior import class_image_paths
 
     sd, hw = setup.sd, setup.hardware
@@ -125,10 +126,7 @@ def plan(cfg, setup, n_images, class_dir, default_model=False):
         if cfg.class_noun == "person" and "{class_noun}" in cfg.prompt else ""
     random = f": {sd.random_note}" + (" (the one model in weights/; --model chooses another)" * default_model) \
         if sd.random_note else ""
-    vae = precision_name(next(sd.vae.parameters()).dtype)
-    why = ": SDXL's VAE overflows fp16 into NaN / black images" if sd.version == "sdxl" and hw.precision == "fp16" else ""
-    vae = "" if vae == hw.precision else f", VAE in {vae}{why}"
-    text_encoders = " + both text encoders" if sd.version == "sdxl" else " + text encoder"
+    vae, text_encoders = _family_notes(sd, hw)
     lines = [f"model       {cfg.model} ({sd.version}, {sd.prediction_type}){random}",
              f"photos      {n_images} from {cfg.images}, {setup.resolution} px, flips {'on' if cfg.flip else 'off'}",
              f"learns      {setup.prompt!r}{noun}",
@@ -137,11 +135,22 @@ def plan(cfg, setup, n_images, class_dir, default_model=False):
                                                           if cfg.validate_every else " off"),
              f"training    {plural(steps, 'step')} ({plural(epochs, 'epoch')}), LoRA rank {cfg.rank} on "
              f"{','.join(cfg.lora_targets)}{text_encoders if cfg.train_text_encoder else ''}",
+             f"optimizer   {describe_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.prodigy_d_coef)}",
+             *([f"pivotal     new tokens {cfg.resolved_token()}, initialised from {cfg.class_noun!r}, lr "
+                f"{cfg.embedding_lr or cfg.lr:g}, written to embedding.safetensors"] if cfg.pivotal else []),
              f"hardware    {hw.device}, {hw.precision}{vae}" + (f", {dist.world_size()} processes (torchrun) of "
                                                          f"batch {cfg.batch_size} each" if dist.world_size() > 1 else ""),
              f"output      {setup.run.path}"]
     return "\n".join(lines + time_lines(cfg, setup, cfg.num_class_images - have if cfg.use_prior else 0, steps,
                                         epochs))
+
+
+def _family_notes(sd, hw):
+    """(the VAE's precision when it differs from the run's, which text encoders get LoRA) for the plan."""
+    vae = precision_name(next(sd.vae.parameters()).dtype)
+    why = ": SDXL's VAE overflows fp16 into NaN / black images" if sd.version == "sdxl" and hw.precision == "fp16" else ""
+    vae = "" if vae == hw.precision else f", VAE in {vae}{why}"
+    return vae, " + both text encoders" if sd.version == "sdxl" else " + text encoder"
 
 
 def plural(n, noun):

@@ -38,17 +38,22 @@ class TrainingState:
     """LoRA wrappers, AdamW, GradScaler, the LR schedule and the generator of the run's random draws.
 
     SDXL: `text_loras_2` wraps the second text encoder (None for SD 1.x / 2.x), and `unet_paths` names the
-    UNet's layers in the file (lora_file.kohya_unet_paths)."""
+    UNet's layers in the file (lora_file.kohya_unet_paths). `embeddings`: --pivotal's new token rows
+    (pivotal.PivotalTokens), or None."""
 
-    def __init__(self, cfg, unet_loras, text_loras, scaler, total_steps, text_loras_2=None, unet_paths=None):
+    def __init__(self, cfg, unet_loras, text_loras, scaler, total_steps, text_loras_2=None, unet_paths=None,
+                 embeddings=None):
         self.unet_loras, self.text_loras, self.scaler = unet_loras, text_loras, scaler
         self.text_loras_2, self.unet_paths = text_loras_2, unet_paths
+        self.embeddings = embeddings
         groups = [{"params": lora_parameters(unet_loras), "lr": cfg.lr}]
         if text_loras or text_loras_2:
             groups.append({"params": lora_parameters(text_loras, text_loras_2 or {}),
                            "lr": cfg.text_encoder_lr or cfg.lr})
+        if embeddings:
+            groups.append({"params": embeddings.parameters(), "lr": cfg.embedding_lr or cfg.lr})
         self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = make_optimizer(groups, cfg.optimizer, cfg.weight_decay)
+        self.optimizer = make_optimizer(groups, cfg.optimizer, cfg.weight_decay, cfg.prodigy_d_coef)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_multiplier(s, cfg.warmup_steps, total_steps, cfg.lr_schedule))
         # Noise, timesteps, class-image choice, latent samples and flips; the epoch order has its own
@@ -107,7 +112,8 @@ class TrainingState:
             buffer = io.BytesIO()  # torch.save to a file hides a full disk in a RuntimeError; this write does not
             torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
                         "scaler": self.scaler.state_dict(), "lr_scheduler": self.lr_schedule.state_dict(),
-                        "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}, buffer)
+                        "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
+                       | ({"embeddings": self.embeddings.vectors()} if self.embeddings else {}), buffer)
             write_bytes_atomic(tmp / "state.pt", buffer.getvalue())
             files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256(tmp / name)}
                      for name in CHECKPOINT_FILES}
@@ -129,6 +135,8 @@ class TrainingState:
         with torch.no_grad():
             for key, m in kohya_modules(self.unet_loras, self.text_loras, self.text_loras_2, self.unet_paths):
                 _copy_factors(tensors, key, m, path)
+        if self.embeddings:
+            self.embeddings.load(state.get("embeddings", {}), path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.lr_schedule.load_state_dict(state["lr_scheduler"])

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed as dist
+from . import pivotal
 from .conditioning import Cond
 from .dreambooth import assemble_batch, dreambooth_step
 from .errors import UserError
@@ -64,8 +65,9 @@ def train(cfg, resume=False, stop_after=None, log=tqdm.write):
     log = dist.main_log(log)  # under torchrun rank 0 speaks for all
     unet_loras, text_loras, text_loras_2 = add_lora(cfg, setup.sd)
     micro_per_epoch, total_steps = dist.schedule_length(cfg, len(setup.instance_latents))  # global batches
+    embeddings = pivotal.start(cfg, setup.sd, setup.captions, log) if cfg.pivotal else None  # --pivotal's tokens
     state = TrainingState(cfg, unet_loras, text_loras, setup.hardware.grad_scaler(), total_steps, text_loras_2,
-                          kohya_unet_paths(setup.sd.unet))
+                          kohya_unet_paths(setup.sd.unet), embeddings)
     setup.lora_tensors = state.lora_tensors
     if resume:
         checkpoint = setup.run.resume(state, log)  # the newest whole one; damaged ones are named and passed over
@@ -92,11 +94,16 @@ def finish(cfg, setup, state, total_steps, interrupted, log):
             f"continue with: {dist.command()} --resume {setup.run.path}")
         return {"output": setup.run.path, "lora": checkpoint and checkpoint / "lora.safetensors", "step": state.step,
                 "interrupted": True}
+    embedding = pivotal.embedding_path(setup.run.path) if state.embeddings else None
     if dist.is_main():
         save_lora(setup.run.lora_path, state.lora_tensors(), lora_metadata(cfg, setup, state.step))
+        if embedding:  # apart from the LoRA: token keys inside a LoRA file break some loaders
+            pivotal.save(embedding, state.embeddings, cfg, setup.sd, state.step)
     samples = f"samples in {setup.run.samples}; " if cfg.validate_every or cfg.eval_every else ""
-    log(f"done: {state.step} step{'s' * (state.step != 1)}; LoRA in {setup.run.lora_path}; {samples}loss plot "
+    log(f"done: {state.step} step{'s' * (state.step != 1)}; LoRA in {setup.run.lora_path}; "
+        f"{f'embedding in {embedding}; ' if embedding else ''}{samples}loss plot "
         f"{setup.run.path / 'loss.png'}; try: python sample.py --model {cfg.model} --lora {setup.run.lora_path} "
+        f"{f'--embedding {embedding} ' if embedding else ''}"
         f"--prompt \"{setup.prompt} on the beach\" --height {setup.resolution} --width {setup.resolution}")
     return {"output": setup.run.path, "lora": setup.run.lora_path, "step": state.step, "interrupted": False}
 
@@ -110,7 +117,7 @@ def run_loop(cfg, setup, state, total_steps, micro_per_epoch, stop_after=None):
 
     n = len(setup.instance_latents)
     bs = min(cfg.batch_size * dist.world_size(), n)  # the global batch
-    contexts = TextContexts(setup.sd, trainable=bool(state.text_loras or state.text_loras_2))
+    contexts = TextContexts(setup.sd, trainable=bool(state.text_loras or state.text_loras_2 or state.embeddings))
     bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", disable=not dist.is_main())
     start, boundary, running, stop = time.time(), state.generator.get_state(), None, False
     dist.stop_on_signal()
@@ -173,6 +180,8 @@ def log_step(cfg, setup, state, running, epoch, seconds, bar):
     grad_norm = state.optimizer_step(cfg.max_grad_norm, finite)
     record = {"step": state.step, "epoch": round(epoch, 4), "loss": loss, "loss_instance": loss_instance,
               "loss_prior": loss_prior, "lr": lr, "grad_norm": grad_norm.item(), "seconds": round(seconds, 3)}
+    if "d" in state.optimizer.param_groups[0]:  # Prodigy: its estimated step size; the step moves by about d * lr
+        record["prodigy_d"] = float(state.optimizer.param_groups[0]["d"])
     state.nonfinite_in_a_row = 0 if finite else state.nonfinite_in_a_row + 1
     if not finite:
         record["skipped"] = "non-finite loss"

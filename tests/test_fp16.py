@@ -58,7 +58,7 @@ def test_grad_scaler_skips_a_step_with_an_infinite_gradient_and_lowers_its_scale
     loras = inject_lora(model, ["0"], rank=2)
     hw = resolve_hardware("cpu", "fp16")
     cfg = SimpleNamespace(lr=1e-2, text_encoder_lr=0.0, weight_decay=0.0, warmup_steps=0, lr_schedule="constant",
-                          seed=0, optimizer="adamw")
+                          seed=0, optimizer="adamw", prodigy_d_coef=1.0)
     state = TrainingState(cfg, loras, {}, hw.grad_scaler(), total_steps=10)
     x = torch.randn(4, 8).half()
     with hw.autocast():

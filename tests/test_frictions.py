@@ -70,8 +70,8 @@ def test_the_plan_says_a_tiny_model_is_random_and_counts_in_words(tmp_path, monk
                        "chooses another)")
     assert plan[4] == "validation  'a photo of sks dog in the snow' every 1 epoch"
     assert plan[5].startswith("training    3 steps (1 epoch), LoRA rank 4")
-    assert plan[8].startswith("time        about ") and "for the class images, " in plan[8]
-    assert len(plan) == 9  # no CPU warning for a tiny model
+    assert plan[9].startswith("time        about ") and "for the class images, " in plan[9]
+    assert len(plan) == 10  # no CPU warning for a tiny model
     assert not (tmp_path / "run").exists()
 
     capsys.readouterr()
