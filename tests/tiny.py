@@ -88,10 +88,8 @@ def _to_open_clip(text_sd, hidden, generator):
     return out
 
 
-def save_single_file(pipe, path, dtype=torch.float32, version=None):
-    """The pipeline's weights in the LDM single-file layout (as A1111 loads them)."""
-    version = version or ("sd2" if pipe.unet.config.use_linear_projection else "sd1")
-    g = torch.Generator().manual_seed(1234)
+def ldm_unet_vae_tensors(pipe):
+    """The pipeline's UNet and VAE tensors under their LDM single-file names (SD 1.x, 2.x and SDXL alike)."""
     unet_cfg, vae_cfg = UNetConfig.from_diffusers(dict(pipe.unet.config)), VAEConfig.from_diffusers(dict(pipe.vae.config))
     tensors = {}
     for prefix, module, table in (("model.diffusion_model.", pipe.unet, unet_rename_table(unet_cfg)),
@@ -102,6 +100,14 @@ def save_single_file(pipe, path, dtype=torch.float32, version=None):
             if ".mid.attn_1." in ldm and ldm.endswith("weight") and v.dim() == 2:
                 v = v[:, :, None, None]  # LDM's VAE attention uses 1x1 convs
             tensors[prefix + ldm] = v
+    return tensors
+
+
+def save_single_file(pipe, path, dtype=torch.float32, version=None):
+    """The pipeline's weights in the LDM single-file layout (as A1111 loads them)."""
+    version = version or ("sd2" if pipe.unet.config.use_linear_projection else "sd1")
+    g = torch.Generator().manual_seed(1234)
+    tensors = ldm_unet_vae_tensors(pipe)
     text_sd = {k.removeprefix("text_model."): v for k, v in pipe.text_encoder.state_dict().items()}
     if version == "sd1":
         tensors.update({"cond_stage_model.transformer.text_model." + k: v for k, v in text_sd.items()})

@@ -10,11 +10,8 @@ from pathlib import Path
 
 import torch
 
-from dreambooth_min.checkpoint import unet_rename_table, unrename, vae_rename_table
 from dreambooth_min.safetensors_io import save_atomic
-from dreambooth_min.unet import UNetConfig
-from dreambooth_min.vae import VAEConfig
-from tiny import TOKENIZER_DIR, VAE, _randomize
+from tiny import TOKENIZER_DIR, VAE, _randomize, ldm_unet_vae_tensors
 
 TEXT_1 = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37, hidden_act="quick_gelu",
               vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
@@ -76,16 +73,7 @@ def to_open_clip(text_sd):
 
 def save_single_file(pipe, path, dtype=torch.float32):
     """The pipeline's weights in the sgm single-file layout (as `sd_xl_base_1.0.safetensors`)."""
-    unet_cfg, vae_cfg = UNetConfig.from_diffusers(dict(pipe.unet.config)), VAEConfig.from_diffusers(dict(pipe.vae.config))
-    tensors = {}
-    for prefix, module, table in (("model.diffusion_model.", pipe.unet, unet_rename_table(unet_cfg)),
-                                  ("first_stage_model.", pipe.vae, vae_rename_table(vae_cfg))):
-        for k, v in module.state_dict().items():
-            ldm = unrename(k, table)
-            assert ldm is not None, k
-            if ".mid.attn_1." in ldm and ldm.endswith("weight") and v.dim() == 2:
-                v = v[:, :, None, None]  # LDM's VAE attention uses 1x1 convs
-            tensors[prefix + ldm] = v
+    tensors = ldm_unet_vae_tensors(pipe)
     clip_l = {k.removeprefix("text_model."): v for k, v in pipe.text_encoder.state_dict().items()}
     tensors.update({"conditioner.embedders.0.transformer.text_model." + k: v for k, v in clip_l.items()})
     tensors["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
