@@ -48,8 +48,8 @@ def guided_prediction(unet, x, t, cond, guidance):
     """
     if guidance <= 1:
         return unet(x, t, cond)
-    uncond, cond = unet(torch.cat([x, x]), t, cond).chunk(2)
-    return uncond + guidance * (cond - uncond)
+    u, c = unet(torch.cat([x, x]), t, cond).chunk(2)
+    return u + guidance * (c - u)
 
 
 def _gaussian(generators, shape, like):
