@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from dreambooth_min.errors import UserError
-from dreambooth_min.safetensors_io import atomic_path
-from dreambooth_min.evaluation import (CLIP_MODEL, CLIP_T_MARGIN, DINO_MODEL, METRICS, check_run, evaluate_epoch,
+from dreambooth_min.formats.safetensors_io import atomic_path
+from dreambooth_min.watch.evaluation import (CLIP_MODEL, CLIP_T_MARGIN, DINO_MODEL, METRICS, check_run, evaluate_epoch,
                                        evaluate_run, load_evaluators, read_images)
 
 
@@ -119,8 +119,8 @@ def generate_mode(args):
     import torch
 
     import dreambooth_min
-    from dreambooth_min.eval_prompts import prompts_for
-    from dreambooth_min.lora_file import apply_lora, load_lora
+    from dreambooth_min.watch.eval_prompts import prompts_for
+    from dreambooth_min.formats.lora_file import apply_lora, load_lora
     from dreambooth_min.sampling import check_size, generate, parameters_text, save_png
 
     prompts = prompts_for(args.class_noun, args.token)[:args.num_prompts]

@@ -11,10 +11,10 @@ import argparse
 import signal
 import sys
 
-from dreambooth_min.cli import add_options, run_command, settings_from_args
-from dreambooth_min.config import TrainConfig, config_from_json
-from dreambooth_min.run_folder import RunFolder
-from dreambooth_min.training import train
+from dreambooth_min.run.cli import add_options, run_command, settings_from_args
+from dreambooth_min.run.config import TrainConfig, config_from_json
+from dreambooth_min.run.run_folder import RunFolder
+from dreambooth_min.run.training import train
 
 
 def parse_args(argv=None):

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .conditioning import Cond
 from .errors import UserError
-from .safetensors_io import atomic_path
+from .formats.safetensors_io import atomic_path
 from .scheduler import TIMESTEP_SPACINGS, ddim_step, ddim_timesteps
 
 # What a diffusers folder's scheduler/scheduler_config.json may say about DDIM, and the released SD

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 import evaluate
-from dreambooth_min import evaluation as ev
+from dreambooth_min.watch import evaluation as ev
 from dreambooth_min.errors import UserError
-from dreambooth_min.eval_prompts import LIVE_PROMPTS, OBJECT_PROMPTS, is_live, prompts_for
+from dreambooth_min.watch.eval_prompts import LIVE_PROMPTS, OBJECT_PROMPTS, is_live, prompts_for
 
 from conditioning import assert_well_conditioned
 
@@ -340,7 +340,7 @@ def test_training_scores_its_validation_epochs_and_keeps_the_best(models, tiny_s
     lora_best.safetensors from the best epoch, and evaluate.py on the same run agrees."""
     from test_training import config
 
-    from dreambooth_min.training import train
+    from dreambooth_min.run.training import train
 
     cfg = config(tmp_path, tiny_sd1["single"], steps=6, eval_every=1, keep_best=True, validation_images=2,
                  validation_steps=2, clip_model=str(models["clip_dir"]), dino_model=str(models["dino_dir"]))

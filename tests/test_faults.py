@@ -22,12 +22,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_min import report
-from dreambooth_min.cli import run_command
+from dreambooth_min.watch import report
+from dreambooth_min.run.cli import run_command
 from dreambooth_min.errors import UserError
-from dreambooth_min.safetensors_io import DiskFull
-from dreambooth_min.state import OutOfMemory, checkpoint_problem, is_out_of_memory
-from dreambooth_min.training import train
+from dreambooth_min.errors import DiskFull, OutOfMemory, is_out_of_memory
+from dreambooth_min.run.state import checkpoint_problem
+from dreambooth_min.run.training import train
 from test_training import ROOT, config, synthetic_images
 
 STEPS = 6  # every run here has the same settings but for when and how often it saves: one reference LoRA
@@ -259,7 +259,7 @@ def test_full_file_system(tiny_sd1, tmp_path, small_tmpfs, reference, capsys):
                  "you tried to allocate 1073741824 bytes. Error code 12 (Cannot allocate memory)")])
 def test_out_of_memory_in_a_step_saves_the_last_finished_one(tiny_sd1, tmp_path, reference, monkeypatch, capsys,
                                                                error):
-    from dreambooth_min import training
+    from dreambooth_min.run import training
 
     cfg = settings(tmp_path, tiny_sd1["single"], save_every=0)
     real, calls = training.dreambooth_step, []
@@ -291,7 +291,8 @@ def test_what_counts_as_out_of_memory():
 
 
 def test_out_of_memory_drawing_class_images_keeps_those_drawn(tiny_sd1, tmp_path, monkeypatch):
-    from dreambooth_min import load, prior
+    from dreambooth_min import load
+    from dreambooth_min.run import prior
 
     real, calls = prior.generate, []
 
@@ -310,7 +311,7 @@ def test_out_of_memory_drawing_class_images_keeps_those_drawn(tiny_sd1, tmp_path
 
 
 def test_a_failed_validation_is_a_warning(tiny_sd1, tmp_path, reference, monkeypatch, capsys):
-    from dreambooth_min import validation
+    from dreambooth_min.watch import validation
 
     def draw(*args, **kw):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
@@ -331,8 +332,8 @@ def test_a_failed_validation_is_a_warning(tiny_sd1, tmp_path, reference, monkeyp
 
 def test_damaged_class_image_is_drawn_again(tiny_sd1, tmp_path):
     from dreambooth_min import load
-    from dreambooth_min.data import load_image
-    from dreambooth_min.prior import ensure_class_images
+    from dreambooth_min.run.data import load_image
+    from dreambooth_min.run.prior import ensure_class_images
 
     sd = load(tiny_sd1["single"])
     paths = ensure_class_images(sd, tmp_path / "c", "a photo of dog", 2, 32, steps=2)

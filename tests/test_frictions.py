@@ -12,14 +12,17 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_min import checkpoint, estimate, prior
-from dreambooth_min.cli import run_command
-from dreambooth_min.config import SettingError, config_from_json
+from dreambooth_min.formats import checkpoint
+
+from dreambooth_min.run import estimate, prior
+from dreambooth_min.run.cli import run_command
+from dreambooth_min.errors import SettingError
+from dreambooth_min.run.config import config_from_json
 from dreambooth_min.errors import UserError
 from dreambooth_min.lora import inject_lora
-from dreambooth_min.lora_file import apply_lora, file_family, lora_state_dict, model_family, parse_lora_arg
-from dreambooth_min.make_tiny import build_tiny, make_tiny
-from dreambooth_min.training import train
+from dreambooth_min.formats.lora_file import apply_lora, file_family, lora_state_dict, model_family, parse_lora_arg
+from dreambooth_min.formats.make_tiny import build_tiny, make_tiny
+from dreambooth_min.run.training import train
 from test_training import config, synthetic_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +69,7 @@ def test_the_plan_says_a_tiny_model_is_random_and_counts_in_words(tmp_path, monk
         train(cfg, log=lines.append)
     plan = lines[0].splitlines()
     assert plan[0] == ("model       weights/tiny-sd1 (sd1, epsilon): a tiny random model (python -m "
-                       "dreambooth_min.make_tiny): its pictures are noise (the one model in weights/; --model "
+                       "dreambooth_min.formats.make_tiny): its pictures are noise (the one model in weights/; --model "
                        "chooses another)")
     assert plan[4] == "validation  'a photo of sks dog in the snow' every 1 epoch"
     assert plan[5].startswith("training    3 steps (1 epoch), LoRA rank 4")
@@ -78,11 +81,11 @@ def test_the_plan_says_a_tiny_model_is_random_and_counts_in_words(tmp_path, monk
     sample.main(["--prompt", "x", "--steps", "1", "--height", "32", "--width", "32", "--out", "x.png",
                  "--no-progress"])
     assert capsys.readouterr().err.splitlines()[0] == \
-        "warning: weights/tiny-sd1 is a tiny random model (python -m dreambooth_min.make_tiny): its pictures are noise"
+        "warning: weights/tiny-sd1 is a tiny random model (python -m dreambooth_min.formats.make_tiny): its pictures are noise"
 
 
 def test_counts_are_singular_or_plural():
-    from dreambooth_min.setup import plural
+    from dreambooth_min.run.setup import plural
 
     assert [plural(n, "epoch") for n in (1, 1.0, 2, 0.5, 1500000)] == \
         ["1 epoch", "1 epoch", "2 epochs", "0.5 epochs", "1500000 epochs"]
@@ -120,7 +123,7 @@ def test_a_full_size_model_on_the_cpu_is_warned_about(tmp_path, monkeypatch):
     assert plan[-2] == ("time        about 24 s for the class images, 20 min for the training (rough: from one "
                         "timed UNet pass; the progress bars show the real rate)")
     assert plan[-1] == ("warning: a full-size model trains on the CPU, about 12 s a step: use a GPU, or try the "
-                        "commands first on a tiny model (python -m dreambooth_min.make_tiny)")
+                        "commands first on a tiny model (python -m dreambooth_min.formats.make_tiny)")
     assert not estimate.is_full_size(torch.nn.Linear(10, 10))
 
 
@@ -253,7 +256,7 @@ def test_evaluators_that_cannot_load_log_no_hub_warnings(tmp_path, monkeypatch):
     import huggingface_hub.constants
     import huggingface_hub.utils._http as http
 
-    from dreambooth_min import evaluation
+    from dreambooth_min.watch import evaluation
 
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")  # the Hub cannot be reached
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

@@ -2,7 +2,7 @@
 import pytest
 
 from dreambooth_min.errors import UserError
-from dreambooth_min.training import train
+from dreambooth_min.run.training import train
 from test_training import config, run_cli, synthetic_images
 
 
@@ -18,7 +18,7 @@ def test_the_plan_is_printed_before_slow_work(tiny_sd1, tmp_path):
 
 
 def test_resuming_a_run_that_never_started_says_so_before_any_work(tiny_sd1, tmp_path, monkeypatch):
-    from dreambooth_min import prior
+    from dreambooth_min.run import prior
 
     cfg = config(tmp_path, tiny_sd1["single"])
 

@@ -21,7 +21,8 @@ import re
 import torch
 import torch.nn as nn
 
-from .errors import UserError
+from ..errors import UserError
+from ..formats.embedding_file import load_embedding, save_embedding, SDXL_KEYS
 
 TOKEN = re.compile(r"<[^<>|\s]+>")  # <s0>; not <|endoftext|>, CLIP's own special tokens
 
@@ -164,8 +165,6 @@ def embedding_path(run_path):
 
 def save(path, pivotal, cfg, sd, step):
     """The run's embedding file (embedding_file.py): the vectors, their tokens and how they were made."""
-    from .embedding_file import save_embedding
-
     save_embedding(path, pivotal.vectors(), pivotal.text, {
         "base_model": sd.name, "sd_version": sd.version, "class_noun": cfg.class_noun,
         "initialised_from": cfg.class_noun, "steps": step, "training_tool": "dreambooth_min"})
@@ -173,8 +172,6 @@ def save(path, pivotal, cfg, sd, step):
 
 def use_embedding(sd, path):
     """Load an embedding file into the model (sample.py --embedding); returns the tokens to write in prompts."""
-    from .embedding_file import SDXL_KEYS, load_embedding
-
     vectors, text, _ = load_embedding(path)
     tokens = split_tokens(text)
     if not tokens:

@@ -4,24 +4,28 @@ train() reads top to bottom: check the settings, load the model and photos, draw
 then the loop (latents are encoded as first drawn); Ctrl-C saves a checkpoint from which `resume=True`
 continues exactly.
 """
-import dataclasses
 import math
 import time
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed as dist
-from . import pivotal
-from .conditioning import Cond
-from .dreambooth import assemble_batch, dreambooth_step
-from .errors import UserError
-from .lora import TEXT_TARGETS, inject_lora
-from .lora_file import kohya_unet_paths
+from . import distributed as dist, pivotal
+from ..conditioning import Cond
+from .data import epoch_order
+from .distributed import is_main
+from ..dreambooth import assemble_batch, dreambooth_step
+from ..errors import UserError
+from .faults import guarded
+from ..formats.lora_file import kohya_unet_paths, save_lora
+from ..lora import inject_lora, TEXT_TARGETS
 from .run_folder import RunFolder
-from .state import TrainingState
-from .validation import Monitor, report_step, validate
+from .setup import prepare
+from .state import TrainingState, save_checkpoint
+from ..watch.validation import Monitor, report_step, validate
+
+
+validate_on_main = dist.main_only(validate)  # rank 0 draws and writes the samples; the others wait for it
 
 
 class Interrupted(Exception):
@@ -35,22 +39,6 @@ class Diverged(UserError):
 MAX_NONFINITE_STEPS = 5  # skipped steps in a row before the run gives up
 
 
-@dataclass
-class Setup:
-    """What the loop needs besides the settings: the model, the data, where to write."""
-    sd: object  # model.StableDiffusion
-    hardware: object  # hardware.Hardware
-    run: RunFolder
-    resolution: int
-    prompt: str
-    class_prompt: str
-    validation_prompt: str
-    captions: list
-    instance_latents: object  # data.LatentCache
-    class_latents: object = None  # data.LatentCache, or None without prior preservation
-    monitor: object = None  # validation.Monitor: tracker and evaluators
-    lora_tensors: object = None  # () -> the LoRA's tensors now (for lora_best.safetensors)
-
 
 def train(cfg, resume=False, stop_after=None, log=tqdm.write):
     """Train a DreamBooth LoRA; returns {"output", "lora", "step", "interrupted"}.
@@ -58,9 +46,6 @@ def train(cfg, resume=False, stop_after=None, log=tqdm.write):
     `resume` continues the run in cfg.output from its latest checkpoint. Ctrl-C (KeyboardInterrupt) saves
     a checkpoint at the last finished step and returns with interrupted=True.
     """
-    from .faults import guarded
-    from .setup import prepare
-
     setup = prepare(cfg, resume, log)
     log = dist.main_log(log)  # under torchrun rank 0 speaks for all
     unet_loras, text_loras, text_loras_2 = add_lora(cfg, setup.sd)
@@ -76,7 +61,7 @@ def train(cfg, resume=False, stop_after=None, log=tqdm.write):
             setup.run.drop_after(state.step, state.step * cfg.grad_accum // micro_per_epoch)
     setup.monitor = Monitor(cfg, setup, state.step + 1 if resume else None) if dist.is_main() else None
     if not resume and (cfg.validate_every or cfg.eval_every):
-        validate(cfg, setup, epoch=0)
+        validate_on_main(cfg, setup, epoch=0)
     with guarded(cfg, setup, state, total_steps):  # out of memory, a full disk: one line and a checkpoint
         interrupted = run_loop(cfg, setup, state, total_steps, micro_per_epoch, stop_after)
         return finish(cfg, setup, state, total_steps, interrupted, log)
@@ -84,8 +69,6 @@ def train(cfg, resume=False, stop_after=None, log=tqdm.write):
 
 def finish(cfg, setup, state, total_steps, interrupted, log):
     """loss.png, then the LoRA (or, when interrupted, a checkpoint to resume from), and what to do next."""
-    from .lora_file import save_lora
-
     if dist.is_main():  # rank 0 alone writes the run folder
         setup.run.plot_loss()
     if interrupted:
@@ -96,7 +79,7 @@ def finish(cfg, setup, state, total_steps, interrupted, log):
                 "interrupted": True}
     embedding = pivotal.embedding_path(setup.run.path) if state.embeddings else None
     if dist.is_main():
-        save_lora(setup.run.lora_path, state.lora_tensors(), lora_metadata(cfg, setup, state.step))
+        save_lora(setup.run.lora_path, state.lora_tensors(), setup.lora_metadata(cfg, state.step))
         if embedding:  # apart from the LoRA: token keys inside a LoRA file break some loaders
             pivotal.save(embedding, state.embeddings, cfg, setup.sd, state.step)
     samples = f"samples in {setup.run.samples}; " if cfg.validate_every or cfg.eval_every else ""
@@ -112,9 +95,6 @@ def run_loop(cfg, setup, state, total_steps, micro_per_epoch, stop_after=None):
     """Micro-batches until `total_steps` optimizer steps; returns True when interrupted (Ctrl-C).
 
     Under torchrun every process draws the same global batch and keeps its rows (distributed.py)."""
-    from . import distributed as dist
-    from .data import epoch_order
-
     n = len(setup.instance_latents)
     bs = min(cfg.batch_size * dist.world_size(), n)  # the global batch
     contexts = TextContexts(setup.sd, trainable=bool(state.text_loras or state.text_loras_2 or state.embeddings))
@@ -138,7 +118,7 @@ def run_loop(cfg, setup, state, total_steps, micro_per_epoch, stop_after=None):
                     save_checkpoint(cfg, setup, state)
             epochs_done = (micro + 1) // micro_per_epoch
             if (micro + 1) % micro_per_epoch == 0 and cfg.is_validation_epoch(epochs_done):
-                validate(cfg, setup, epochs_done, state.step)
+                validate_on_main(cfg, setup, epochs_done, state.step)
             if stop or (stop_after is not None and state.step >= stop_after):
                 raise Interrupted
     except Diverged:
@@ -172,8 +152,6 @@ def micro_step(cfg, setup, state, batch, contexts, share):
 
 def log_step(cfg, setup, state, running, epoch, seconds, bar):
     """One optimizer step, then its line in log.jsonl and the progress bar (rank 0's, under torchrun)."""
-    from .distributed import is_main
-
     lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses
     loss, loss_instance, loss_prior = running.tolist()
     finite = math.isfinite(loss)
@@ -228,29 +206,3 @@ def add_lora(cfg, sd):
     second = getattr(sd, "text_encoder_2", None)
     sd.unet.gradient_checkpointing = cfg.gradient_checkpointing
     return unet_loras, text(sd.text_encoder), None if second is None else text(second)
-
-
-def lora_metadata(cfg, setup, step):
-    """The training facts a LoRA file records (lora_file.training_metadata)."""
-    from .lora_file import training_metadata
-
-    return training_metadata(setup.sd, setup.prompt, setup.class_prompt if cfg.use_prior else "", setup.resolution,
-                             cfg.rank, cfg.alpha or cfg.rank, step)
-
-
-@dist.main_only
-def save_checkpoint(cfg, setup, state):
-    """checkpoints/step_NNNNNN (state.save), then older ones beyond --keep-checkpoints are removed."""
-    folder = state.save(setup.run.path, lora_metadata(cfg, setup, state.step))
-    setup.run.prune_checkpoints(cfg.keep_checkpoints)
-    return folder
-
-
-def config_record(cfg, setup, model_path):
-    """config.json: every setting (with the model path resolved) and what was decided from them."""
-    sd = setup.sd
-    return dataclasses.asdict(cfg) | {"model": str(model_path)}, {
-        "model": str(model_path), "version": sd.version, "prediction_type": sd.prediction_type,
-        "resolution": setup.resolution, "device": setup.hardware.device, "precision": setup.hardware.precision,
-        "prompt": setup.prompt, "class_prompt": setup.class_prompt, "validation_prompt": setup.validation_prompt,
-        "instance_images": len(setup.captions)}

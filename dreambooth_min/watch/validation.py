@@ -5,7 +5,12 @@ optimizer step; with no tracker and no --eval-every they only write the sample r
 """
 import torch
 
-from .distributed import main_only
+from ..errors import DiskFull, is_out_of_memory
+from .evaluation import best_epoch, embed_real, evaluate_epoch, load_evaluators, plot_metrics, read_images, write_jsonl_atomic
+from ..formats.lora_file import save_lora
+from .report import read_jsonl
+from ..sampling import generate, parameters_text
+from .trackers import make_tracker
 
 GUIDANCE = 7.5  # classifier-free guidance scale of the validation (and class-prompt) images
 
@@ -14,13 +19,9 @@ class Monitor:
     """The run's tracker (trackers.py) and, with --eval-every, the evaluator models and real-photo embeddings."""
 
     def __init__(self, cfg, setup, resume_step=None):
-        from .trackers import make_tracker
-
         self.tracker = make_tracker(cfg.report_to, setup.run.path, _plain(cfg), setup.run.path.name, resume_step)
         self.evaluators = self.real = None
         if cfg.eval_every:
-            from .evaluation import embed_real, load_evaluators, read_images
-
             self.evaluators = load_evaluators(cfg.clip_model, cfg.dino_model, setup.hardware.device)
             self.real = embed_real(self.evaluators, read_images(cfg.images, "instance images"))
 
@@ -44,8 +45,6 @@ def report_step(setup, record):
 def draw(cfg, setup, prompt):
     """(images, their A1111 parameters text): `validation_images` images of `prompt` with the same seeds at
     every epoch, so rows are comparable."""
-    from .sampling import generate, parameters_text
-
     res = setup.resolution
     with torch.no_grad():
         images = generate(setup.sd, prompt, num_images=cfg.validation_images, steps=cfg.validation_steps,
@@ -53,16 +52,12 @@ def draw(cfg, setup, prompt):
     return images, parameters_text(prompt, "", cfg.validation_steps, GUIDANCE, cfg.seed, res, res, setup.sd.name, 0.0)
 
 
-@main_only
 def validate(cfg, setup, epoch, step=0):
     """One row of the epoch table (samples/epoch_NNNN.png + its images), then metrics when due.
 
     A failure while sampling (out of memory, anything else) is a warning: the training goes on. A full
     disk is not: the next checkpoint would fail too, so it stops the run with its one line."""
     from tqdm.auto import tqdm
-
-    from .safetensors_io import DiskFull
-    from .state import is_out_of_memory
 
     try:
         _validate(cfg, setup, epoch, step)
@@ -92,9 +87,6 @@ def _validate(cfg, setup, epoch, step):
 def evaluate(cfg, setup, epoch, step, images):
     """DINO, CLIP-I, CLIP-T (and PRES on the class prompt's images) of this epoch's validation images;
     metrics.jsonl gets a line, and with --keep-best the LoRA of the best epoch so far is kept."""
-    from .evaluation import best_epoch, evaluate_epoch, plot_metrics, write_jsonl_atomic
-    from .report import read_jsonl
-
     class_images = None
     if cfg.use_prior:
         class_images, parameters = draw(cfg, setup, setup.class_prompt)
@@ -108,9 +100,6 @@ def evaluate(cfg, setup, epoch, step, images):
     plot_metrics(records, setup.run.records(), setup.run.path / "metrics.png", best)
     setup.monitor.tracker.log(step, {f"metrics/{k}": v for k, v in record.items() if k not in ("epoch", "step")})
     if cfg.keep_best and best is record and setup.lora_tensors is not None:
-        from .lora_file import save_lora
-        from .training import lora_metadata
-
         save_lora(setup.run.path / "lora_best.safetensors", setup.lora_tensors(),
-                  lora_metadata(cfg, setup, step) | {"ss_best_epoch": str(epoch)})
+                  setup.lora_metadata(cfg, step) | {"ss_best_epoch": str(epoch)})
     return record

@@ -8,8 +8,7 @@ import argparse
 import dataclasses
 import sys
 
-from .config import SettingError
-from .errors import UserError
+from ..errors import is_out_of_memory, SettingError, UserError
 
 
 def flag(name):
@@ -90,8 +89,6 @@ def run_command(main):
 
 def _resource_exit_code(error):
     import errno
-
-    from .state import is_out_of_memory
 
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return 4

@@ -12,7 +12,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .sampling import generate, parameters_text, save_png
+from ..errors import is_out_of_memory, OutOfMemory
+from ..sampling import generate, parameters_text, save_png
 
 
 def default_class_dir(model_name, class_prompt, resolution):
@@ -42,7 +43,7 @@ def ensure_class_images(sd, folder, prompt, n, resolution, steps=30, guidance=7.
     Under torchrun, process `rank` of `world` draws the blocks of `batch_size` indices numbered rank,
     rank + world, ...: the same batches, hence the same files, as one process, and nothing to agree on.
 
-    Out of memory while drawing raises state.OutOfMemory (one line with advice); the images drawn so far stay."""
+    Out of memory while drawing raises errors.OutOfMemory (one line with advice); the images drawn so far stay."""
     paths = class_image_paths(folder, n)
     mine = [i for i in range(n) if i // batch_size % world == rank]
     missing = [i for i in mine if not paths[i].exists()]
@@ -56,8 +57,6 @@ def ensure_class_images(sd, folder, prompt, n, resolution, steps=30, guidance=7.
             _draw(sd, paths, missing, prompt, resolution, steps, guidance, seed, batch_size, negative_prompt,
                   show=rank == 0)
         except Exception as e:
-            from .state import OutOfMemory, is_out_of_memory
-
             if not is_out_of_memory(e):
                 raise
             kept = sum(p.exists() for p in paths)

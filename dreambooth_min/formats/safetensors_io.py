@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from ..errors import DiskFull, UserError
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -84,14 +84,6 @@ class SafetensorsFile:
 
 FULL = (errno.ENOSPC, errno.EDQUOT)
 
-
-class DiskFull(UserError):
-    """A write failed for want of space (ENOSPC) or quota (EDQUOT). The CLIs exit with status 4."""
-    exit_code = 4
-
-    def __init__(self, message, path):
-        super().__init__(message)
-        self.path = Path(path)
 
 
 def _free(path):

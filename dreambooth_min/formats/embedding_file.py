@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 from .safetensors_io import SafetensorsFile, save_atomic
 
 SINGLE_KEY = "emb_params"  # A1111's name for the one tensor of an SD 1.x / 2.x embedding

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .safetensors_io import fsync_path, write_bytes_atomic, writing
-from .lora import lora_parameters
+from . import distributed as dist
+from ..errors import UserError
+from ..formats.safetensors_io import fsync_path, write_bytes_atomic, writing
+from ..lora import lora_parameters
 from .optim import make_optimizer
-from .lora_file import kohya_modules, load_lora, lora_state_dict, save_lora
+from ..formats.lora_file import kohya_modules, load_lora, lora_state_dict, save_lora
 
 
 def lr_multiplier(step, warmup, total, kind):
@@ -180,28 +181,6 @@ def checkpoint_problem(folder):
     return None
 
 
-class OutOfMemory(UserError):
-    """The device (or the CPU allocator) ran out of memory; the CLIs exit with status 3."""
-    exit_code = 3
-
-
-def is_out_of_memory(error):
-    """torch.OutOfMemoryError (CUDA), MemoryError, or the CPU allocator's RuntimeError."""
-    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    text = str(error).lower()
-    return isinstance(error, RuntimeError) and any(
-        s in text for s in ("out of memory", "can't allocate memory", "cannot allocate memory", "could not allocate"))
-
-
-def memory_advice(cfg, resolution, precision):
-    """What to try, for a run of these settings, after running out of memory (the settings it does not use yet)."""
-    tips = [] if cfg.gradient_checkpointing else ["--gradient-checkpointing"]
-    tips.append(f"a lower --resolution (this run: {resolution})")
-    tips += ["--batch-size 1"] if cfg.batch_size > 1 else []
-    tips += ["--precision fp16 (CUDA)"] if precision != "fp16" else []
-    return "try " + ", ".join(tips[:-1]) + f" or {tips[-1]}" if len(tips) > 1 else "try " + tips[0]
-
 
 def _copy_factors(tensors, key, lora, path):
     for field, w in (("lora_down", lora.lora_down.weight), ("lora_up", lora.lora_up.weight)):
@@ -210,3 +189,11 @@ def _copy_factors(tensors, key, lora, path):
             raise UserError(f"checkpoint {path} does not fit this model and configuration ({key}.{field}): "
                             "was the base model replaced?")
         w.copy_(saved)
+
+
+@dist.main_only
+def save_checkpoint(cfg, setup, state):
+    """checkpoints/step_NNNNNN (state.save), then older ones beyond --keep-checkpoints are removed."""
+    folder = state.save(setup.run.path, setup.lora_metadata(cfg, state.step))
+    setup.run.prune_checkpoints(cfg.keep_checkpoints)
+    return folder

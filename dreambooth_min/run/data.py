@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
-from .errors import UserError
+from ..conditioning import size_time_ids
+from ..errors import UserError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -84,8 +85,6 @@ def photo_time_ids(sizes, resolution):
     As diffusers' train_dreambooth_lora_sdxl.py with --center_crop computes it: the short side is resized to R
     (torchvision's Resize: the long side becomes int(R * long / short)), and the crop's top-left corner is
     round((resized - R) / 2) in the resized image."""
-    from .conditioning import size_time_ids
-
     rows = []
     for h, w in sizes:
         rh, rw = (resolution, int(resolution * w / h)) if h <= w else (int(resolution * h / w), resolution)

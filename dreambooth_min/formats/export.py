@@ -12,10 +12,10 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from .errors import UserError
-from .model import RANDOM_NOTE
+from ..errors import UserError
+from ..model import RANDOM_NOTE
 from .safetensors_io import save_atomic
-from .text import PAD_TOKEN, TOKENIZER_DIR
+from ..text import PAD_TOKEN, TOKENIZER_DIR
 
 DIFFUSERS_VERSION = "0.30.0"  # the config format written here; any diffusers since 0.30 reads it
 # The released SD 1.x / 2.x DDIM scheduler settings (what diffusers' SD repos hold).

@@ -5,23 +5,50 @@ Checks come first and the run folder is created only once they pass, so a run th
 nothing behind; Ctrl-C before the first step removes the folder again (class images drawn so far stay in
 their own folder and are reused).
 """
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import distributed as dist
-from .errors import UserError
+from .data import LatentCache, load_image, load_instance_images, original_size, photo_time_ids
+from ..errors import SettingError, UserError
+from .estimate import duration, estimate, is_full_size, seconds_per_latent
+from ..formats.checkpoint import find_default_model, load
+from ..formats.lora_file import training_metadata
+from ..formats.safetensors_io import check_writable
 from .hardware import precision_name, resolve_hardware
+from ..lora import unknown_targets
+from .optim import describe as describe_optimizer
+from .prior import class_image_paths, default_class_dir, ensure_class_images
 from .run_folder import RunFolder
+
+
+@dataclass
+class Setup:
+    """What the loop needs besides the settings: the model, the data, where to write."""
+    sd: object  # model.StableDiffusion
+    hardware: object  # hardware.Hardware
+    run: RunFolder
+    resolution: int
+    prompt: str
+    class_prompt: str
+    validation_prompt: str
+    captions: list
+    instance_latents: object  # data.LatentCache
+    class_latents: object = None  # data.LatentCache, or None without prior preservation
+    monitor: object = None  # validation.Monitor: tracker and evaluators
+    lora_tensors: object = None  # () -> the LoRA's tensors now (for lora_best.safetensors)
+
+    def lora_metadata(self, cfg, step):
+        """The training facts a LoRA file records (lora_file.training_metadata)."""
+        return training_metadata(self.sd, self.prompt, self.class_prompt if cfg.use_prior else "", self.resolution,
+                                 cfg.rank, cfg.alpha or cfg.rank, step)
 
 
 def prepare(cfg, resume, log):
     """The training.Setup of a run: model, photos, class images and latents, run folder with config.json."""
-    from .checkpoint import find_default_model, load
-    from .data import load_instance_images
-    from .prior import default_class_dir
-    from .training import Setup, config_record
-
     cfg.check()
     hardware = resolve_hardware(cfg.device, cfg.precision)
     hardware.device = dist.init_from_env(hardware.device)  # under torchrun: join the group, take cuda:LOCAL_RANK
@@ -64,9 +91,6 @@ def prepare(cfg, resume, log):
 
 def check_class_dir(cfg):
     """A --class-dir that cannot hold the class images stops here, before the model is loaded."""
-    from .prior import class_image_paths
-    from .safetensors_io import check_writable
-
     if not cfg.use_prior or cfg.class_dir and all(p.exists() for p in class_image_paths(cfg.class_dir,
                                                                                         cfg.num_class_images)):
         return  # a full set is only read
@@ -76,9 +100,6 @@ def check_class_dir(cfg):
 
 def check_lora_targets(cfg, sd):
     """Every --lora-targets entry names layers of this UNet (checked before the plan and the run folder)."""
-    from .config import SettingError
-    from .lora import unknown_targets
-
     unknown = unknown_targets(sd.unet, cfg.lora_targets)
     if unknown:
         names = ", ".join(f"{t!r}" + (f" (did you mean {near!r}?)" if near else "") for t, near in unknown)
@@ -90,9 +111,6 @@ def check_lora_targets(cfg, sd):
 def latents(cfg, setup, images, sizes, class_dir):
     """(instance, class) LatentCaches; the class images are drawn first when missing (prior preservation).
     SDXL's caches hold each image's size conditioning, computed from its original size [(h, w)] `sizes`."""
-    from .data import LatentCache, load_image, original_size, photo_time_ids
-    from .prior import ensure_class_images
-
     sd, res = setup.sd, setup.resolution
     class_latents = None
     if cfg.use_prior:
@@ -112,9 +130,6 @@ def latents(cfg, setup, images, sizes, class_dir):
 
 def plan(cfg, setup, n_images, class_dir, default_model=False):
     """The few lines train.py prints before any slow work: what will be learnt, from what, how long."""
-    from .optim import describe as describe_optimizer
-    from .prior import class_image_paths
-
     sd, hw = setup.sd, setup.hardware
     micro, steps = dist.schedule_length(cfg, n_images)
     epochs = steps * cfg.grad_accum / micro
@@ -160,8 +175,6 @@ def plural(n, noun):
 
 def time_lines(cfg, setup, to_draw, steps, epochs):
     """The plan's time estimate (estimate.py), and a warning when a full-size model is to train on the CPU."""
-    from .estimate import duration, estimate, is_full_size, seconds_per_latent
-
     per_latent = seconds_per_latent(setup.sd, setup.hardware, setup.resolution)
     validations = sum(cfg.is_validation_epoch(e) for e in range(int(epochs) + 1)) if cfg.validate_every or \
         cfg.eval_every else 0
@@ -172,5 +185,15 @@ def time_lines(cfg, setup, to_draw, steps, epochs):
              f"timed UNet pass; the progress bars show the real rate)"]
     if setup.hardware.device_type == "cpu" and is_full_size(setup.sd.unet):
         lines.append(f"warning: a full-size model trains on the CPU, about {duration(step)} a "
-                     "step: use a GPU, or try the commands first on a tiny model (python -m dreambooth_min.make_tiny)")
+                     "step: use a GPU, or try the commands first on a tiny model (python -m dreambooth_min.formats.make_tiny)")
     return lines
+
+
+def config_record(cfg, setup, model_path):
+    """config.json: every setting (with the model path resolved) and what was decided from them."""
+    sd = setup.sd
+    return dataclasses.asdict(cfg) | {"model": str(model_path)}, {
+        "model": str(model_path), "version": sd.version, "prediction_type": sd.prediction_type,
+        "resolution": setup.resolution, "device": setup.hardware.device, "precision": setup.hardware.precision,
+        "prompt": setup.prompt, "class_prompt": setup.class_prompt, "validation_prompt": setup.validation_prompt,
+        "instance_images": len(setup.captions)}

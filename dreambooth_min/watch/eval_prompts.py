@@ -5,7 +5,7 @@
 The first ten and the last five prompts are shared; the middle ten differ: backgrounds and materials for
 objects, outfits and accessories for live subjects.
 """
-from .errors import UserError
+from ..errors import UserError
 
 _SHARED_HEAD = (
     "a {} in the jungle",

@@ -10,17 +10,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
-from .lora import UNET_TARGETS
+from ..errors import SettingError, UserError
+from ..lora import UNET_TARGETS
 from .optim import DEFAULT_LR
+from .pivotal import check_tokens
 
-
-class SettingError(UserError):
-    """A bad value of one setting. str() names the field; cli.py names the flag instead."""
-
-    def __init__(self, setting, problem):
-        super().__init__(f"{setting} {problem}")
-        self.setting, self.problem = setting, problem
 
 
 def option(default, help, group, **argparse_extras):
@@ -165,8 +159,6 @@ class TrainConfig:
                     raise SettingError(name, "cannot differ from --lr with --optimizer prodigy: it estimates one step "
                                              "size for all parameters (leave it out)")
         if self.pivotal:
-            from .pivotal import check_tokens
-
             problem = check_tokens(self.resolved_token(), self.resolved_prompts()[0])
             if problem:
                 raise SettingError("token", problem)

@@ -7,8 +7,8 @@ import contextlib
 import torch
 
 from . import distributed as dist
-from .safetensors_io import DiskFull
-from .state import OutOfMemory, is_out_of_memory, memory_advice
+from ..errors import DiskFull, is_out_of_memory, OutOfMemory
+from .state import save_checkpoint
 
 
 @contextlib.contextmanager
@@ -33,8 +33,6 @@ def guarded(cfg, setup, state, total_steps):
 
 def out_of_memory_error(cfg, setup, state, total_steps, message):
     """Save the last finished step, then the OutOfMemory error that says what to try."""
-    from .training import save_checkpoint
-
     torch.cuda.empty_cache()
     try:
         saved = save_checkpoint(cfg, setup, state) if state.rewind() else setup.run.whole_checkpoint()[0]
@@ -44,3 +42,12 @@ def out_of_memory_error(cfg, setup, state, total_steps, message):
                        f"{saved or 'none'}; {memory_advice(cfg, setup.resolution, setup.hardware.precision)} "
                        f"in a new run, or continue this one where more memory is free: {dist.command()} "
                        f"--resume {setup.run.path} --gradient-checkpointing")
+
+
+def memory_advice(cfg, resolution, precision):
+    """What to try, for a run of these settings, after running out of memory (the settings it does not use yet)."""
+    tips = [] if cfg.gradient_checkpointing else ["--gradient-checkpointing"]
+    tips.append(f"a lower --resolution (this run: {resolution})")
+    tips += ["--batch-size 1"] if cfg.batch_size > 1 else []
+    tips += ["--precision fp16 (CUDA)"] if precision != "fp16" else []
+    return "try " + ", ".join(tips[:-1]) + f" or {tips[-1]}" if len(tips) > 1 else "try " + tips[0]

@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 from tqdm.auto import tqdm
 
-from .data import find_images, to_rgb
-from .errors import UserError
+from ..errors import UserError
+from ..formats.safetensors_io import atomic_path
 from .report import read_jsonl
-from .safetensors_io import atomic_path
+from ..run.data import find_images, to_rgb
+from ..sampling import save_png
 
 CLIP_MODEL = "openai/clip-vit-base-patch32"  # the paper does not name its CLIP; ViT-B/32 is Textual Inversion's
 DINO_MODEL = "facebook/dino-vits16"  # the paper's "ViT-S/16 DINO"
@@ -544,8 +545,6 @@ def plot_metrics(records, log_records, path, best=None, margin=CLIP_T_MARGIN, si
     """Three panels on one epoch axis: the image metrics (DINO, CLIP-I, and PRES, DIV, DINO-NN when
     present), CLIP-T alone (its scale is ten times finer) with the best-epoch margin below its maximum,
     and the training loss per step (grey) with its moving average. The best epoch is marked."""
-    from .sampling import save_png
-
     w, h = size
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)

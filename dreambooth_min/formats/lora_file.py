@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import unet_rename_table, unrename
-from .errors import UserError
-from .lora import LoRALinear, lora_class, lora_delta
+from .checkpoint_names import unet_rename_table, unrename
+from ..errors import UserError
+from ..lora import LoRALinear, lora_class, lora_delta
 from .safetensors_io import SafetensorsFile, save_atomic
-from .unet import UNetConfig
+from ..unet import UNetConfig
 
 
 TEXT_PARTS = ("te", "te1", "te2")  # kohya: SD 1.x / 2.x's one text encoder; SDXL's CLIP-L and OpenCLIP bigG

@@ -1,4 +1,4 @@
-"""SDXL checkpoints: what loading SDXL adds to checkpoint.py (kept apart so the SD 1.x / 2.x tables stay short).
+"""SDXL checkpoints: what loading SDXL adds to checkpoint.py (kept apart so the SD 1.x / 2.x path stays short).
 
 The released single file `sd_xl_base_1.0.safetensors` (Stability-AI generative-models, "sgm") holds
     model.diffusion_model.*                           the UNet in LDM names, as SD 1.x / 2.x, plus `label_emb.0.{0,2}`:
@@ -20,15 +20,13 @@ Other files that look alike are refused with one line: the SDXL refiner (only th
 """
 import torch
 
-from .errors import UserError
+from ..errors import UserError
+from .text_weights import convert_open_clip_with_projection, load_text, text_encoder_2_config
 
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."  # + text_model.*: transformers' CLIPTextModel names
 BIGG_PREFIX = "conditioner.embedders.1.model."  # OpenCLIP bigG text tower
 REFINER_PREFIX = "conditioner.embedders.0.model."  # the refiner's only embedder is OpenCLIP bigG
 VAE_SCALING_FACTOR = 0.13025  # sgm `scale_factor` for SDXL's VAE (retrained decoder, same architecture)
-# LDM's `label_emb` (a Sequential: Linear, SiLU, Linear) is diffusers' add_embedding.
-UNET_ADD_EMBEDDING_ROWS = [("label_emb.0.0.", "add_embedding.linear_1.", []),
-                           ("label_emb.0.2.", "add_embedding.linear_2.", [])]
 OTHER_FAMILIES = {"joint_blocks.": "Stable Diffusion 3", "double_blocks.": "Flux",
                   "transformer_blocks.0.ff_context": "a diffusion-transformer model"}
 
@@ -60,42 +58,17 @@ def folder_family(name, model_index):
     return None
 
 
-def convert_open_clip_with_projection(tensors):
-    """OpenCLIP text-tower tensors -> transformers CLIPTextModelWithProjection tensors, every layer kept.
-
-    text_projection is stored as P [width, proj] and applied as x @ P; nn.Linear computes x W^T, so W = P^T.
-    """
-    from .checkpoint import convert_open_clip
-
-    if "text_projection" not in tensors:
-        raise UserError("unknown text encoder architecture: the OpenCLIP text tower has no text_projection")
-    out = convert_open_clip(tensors, drop_last=False)
-    out["text_projection.weight"] = tensors["text_projection"].T
-    return out
-
-
-def text_encoder_2_config(tensors, config=None):
-    """CLIPTextConfig for bigG from its (transformers-named) tensors: exact GELU, projection width from the tensor."""
-    from .checkpoint import text_config_from_state_dict
-
-    config = config or text_config_from_state_dict(tensors, "sd2")
-    config.projection_dim = tensors["text_projection.weight"].shape[0]
-    return config
-
-
 def load_text_single_file(f, dtype, device):
     """(text_encoder, text_encoder_2) from an SDXL single file's two embedders."""
     from transformers import CLIPTextModelWithProjection
-
-    from .checkpoint import _load_text
 
     clip_l = {k[len(CLIP_L_PREFIX):]: f.read(k) for k in f.shapes if k.startswith(CLIP_L_PREFIX)}
     if not clip_l:
         raise UserError(f"{f.path} has no CLIP-L text encoder ({CLIP_L_PREFIX}*)")
     bigg = convert_open_clip_with_projection({k[len(BIGG_PREFIX):]: f.read(k) for k in f.shapes
                                               if k.startswith(BIGG_PREFIX)})
-    return (_load_text(clip_l, "sd1", dtype, device),
-            _load_text(bigg, "sd2", dtype, device, text_encoder_2_config(bigg), cls=CLIPTextModelWithProjection))
+    return (load_text(clip_l, "sd1", dtype, device),
+            load_text(bigg, "sd2", dtype, device, text_encoder_2_config(bigg), cls=CLIPTextModelWithProjection))
 
 
 def vae_dtype(dtype):

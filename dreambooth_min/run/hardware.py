@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import SettingError
+from ..errors import SettingError
+from ..formats.checkpoint_sdxl import vae_dtype
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -39,8 +40,6 @@ class Hardware:
         SDXL's VAE overflows fp16 (NaN latents, black images) where SD 1.x / 2.x's does not."""
         if vae_precision:
             return DTYPES[vae_precision]
-        from .checkpoint_sdxl import vae_dtype  # the loader's rule, so that train.py and sample.py agree
-
         return vae_dtype(self.dtype) if version == "sdxl" else self.dtype
 
     def grad_scaler(self):

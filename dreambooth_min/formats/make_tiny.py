@@ -1,6 +1,6 @@
 """Write a tiny random Stable Diffusion model, for trying the commands without gigabytes of weights.
 
-    python -m dreambooth_min.make_tiny weights/tiny-sd1 [--version sd1|sd2] [--seed 0]
+    python -m dreambooth_min.formats.make_tiny weights/tiny-sd1 [--version sd1|sd2] [--seed 0]
 
 The model has SD's layout (a diffusers folder that `load()`, train.py and sample.py read) at toy size,
 with seeded random weights: it runs in seconds on a CPU, and its pictures are noise.
@@ -10,10 +10,10 @@ import sys
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 from .export import save_diffusers_folder
-from .unet import UNet2DConditionModel, UNetConfig
-from .vae import AutoencoderKL, VAEConfig
+from ..unet import UNet2DConditionModel, UNetConfig
+from ..vae import AutoencoderKL, VAEConfig
 
 # SD topology at toy size: attention at every level but the last, 2 res blocks per level, a VAE with four
 # levels (8x downscale like the real one). SD 1.x: 8 heads, conv projections, 32-wide text; SD 2.x: one
@@ -29,7 +29,7 @@ TEXT = {"sd1": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, 
 TEXT["sd2"] = dict(TEXT["sd1"], hidden_size=64, num_attention_heads=1, intermediate_size=96, hidden_act="gelu",
                    pad_token_id=0)
 PREDICTION = {"sd1": "epsilon", "sd2": "v_prediction"}
-NOTE = "a tiny random model (python -m dreambooth_min.make_tiny): its pictures are noise"
+NOTE = "a tiny random model (python -m dreambooth_min.formats.make_tiny): its pictures are noise"
 
 
 @torch.no_grad()
@@ -66,7 +66,7 @@ def make_tiny(path, version="sd1", seed=0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m dreambooth_min.make_tiny", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dreambooth_min.formats.make_tiny", description=__doc__.split("\n\n")[0])
     p.add_argument("path", help="folder to write, e.g. weights/tiny-sd1")
     p.add_argument("--version", choices=sorted(UNETS), default="sd1", help="SD 1.x or 2.x layout (default sd1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")

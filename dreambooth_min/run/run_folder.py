@@ -10,10 +10,10 @@ import shutil
 import time
 from pathlib import Path
 
-from .errors import UserError
-from .report import append_jsonl, labelled_row, plot_loss, read_jsonl, stack_rows, write_text_atomic
-from .safetensors_io import DiskFull
-from .sampling import save_png
+from ..errors import UserError
+from ..watch.report import append_jsonl, labelled_row, plot_loss, read_jsonl, stack_rows, write_text_atomic
+from ..errors import DiskFull
+from ..sampling import save_png
 from .state import checkpoint_problem
 
 

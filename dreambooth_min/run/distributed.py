@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as td
 
-from .errors import UserError
+from ..errors import UserError
 
 # A process that dies is noticed by torchrun, which stops the others at once; this timeout covers what it
 # cannot see (a hung GPU, a lost node). It must exceed the longest one-sided wait: rank 0 drawing the

@@ -23,7 +23,7 @@ import io
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 DEFAULT_LR = {"adamw": 1e-4, "adamw8bit": 1e-4, "prodigy": 1.0}  # --lr 0 means these

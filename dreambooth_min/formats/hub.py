@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 from .safetensors_io import PICKLE_HINT
 
 SHORT_NAMES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1",

@@ -14,7 +14,8 @@ import secrets
 import string
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
+from .report import write_text_atomic
 
 KINDS = ("", "tensorboard", "wandb")
 
@@ -143,8 +144,6 @@ class WandbTracker(Tracker):
 
 def _wandb_run_id(run_dir):
     """The wandb run id of this run folder: made once, kept in run_dir/wandb_run_id.txt."""
-    from .report import write_text_atomic
-
     path = run_dir / "wandb_run_id.txt"
     if path.exists():
         return path.read_text().strip()
