@@ -121,7 +121,8 @@ def generate_mode(args):
     import dreambooth_min
     from dreambooth_min.watch.eval_prompts import prompts_for
     from dreambooth_min.formats.lora_file import apply_lora, load_lora
-    from dreambooth_min.sampling import check_size, generate, parameters_text, save_png
+    from dreambooth_min.sampling import check_size, generate
+    from dreambooth_min.formats.png import parameters_text, save_png
 
     prompts = prompts_for(args.class_noun, args.token)[:args.num_prompts]
     class_prompt = args.class_prompt.format(class_noun=args.class_noun) if args.class_prompt else ""

@@ -18,7 +18,8 @@ from dreambooth_min.errors import UserError
 from dreambooth_min.formats.lora_file import apply_lora, load_lora, lora_label, parse_lora_arg
 from dreambooth_min.formats.safetensors_io import check_writable
 from dreambooth_min.run.pivotal import use_embedding
-from dreambooth_min.sampling import check_size, generate, image_grid, parameters_text, save_png
+from dreambooth_min.sampling import check_size, generate
+from dreambooth_min.formats.png import image_grid, parameters_text, save_png
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

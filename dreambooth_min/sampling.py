@@ -1,21 +1,18 @@
-"""Text-to-image sampling: classifier-free guidance around a UNet, the DDIM loop, VAE decoding, PNG files.
+"""Text-to-image sampling: classifier-free guidance around a UNet, the DDIM loop, VAE decoding.
 
 Seeds are portable: image i of a call with seed s starts from
     x_T = torch.randn((1, C, H/8, W/8), generator=torch.Generator("cpu").manual_seed(s + i))  (float32)
 which is what diffusers' StableDiffusionPipeline draws for generator=[torch.Generator().manual_seed(s + i), ...]
 (DDIM's initial noise sigma is 1), so on the CPU in fp32 both tools make the same image.
 """
-import math
 import warnings
-from pathlib import Path
 
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .conditioning import Cond
 from .errors import UserError
-from .formats.safetensors_io import atomic_path
 from .scheduler import TIMESTEP_SPACINGS, ddim_step, ddim_timesteps
 
 # What a diffusers folder's scheduler/scheduler_config.json may say about DDIM, and the released SD
@@ -141,38 +138,3 @@ def generate(sd, prompt, negative_prompt="", num_images=1, steps=50, guidance=7.
         x_0 = ddim_sample(sd.unet, x_T, rows, steps, guidance, eta, sd.prediction_type, generators, progress, **opts)
         images += [Image.fromarray(a.numpy()) for a in decode(sd, x_0)]
     return images
-
-
-# ---------------------------------------------------------------------------------------------------
-# Files
-
-def parameters_text(prompt, negative_prompt, steps, guidance, seed, width, height, model, eta, lora=None):
-    """The settings in A1111's "parameters" format, so an image says how to make it again."""
-    lines = [prompt] + ([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])
-    settings = f"Steps: {steps}, Sampler: DDIM, CFG scale: {guidance}, Seed: {seed}, Size: {width}x{height}, " \
-               f"Model: {model}, Eta: {eta}"
-    if lora:
-        settings += f", LoRA: {lora}"
-    return "\n".join(lines + [settings])
-
-
-def save_png(image, path, parameters=None):
-    """Write `image` as a PNG with a "parameters" text chunk, atomically (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    info = PngImagePlugin.PngInfo()
-    if parameters:
-        info.add_text("parameters", parameters)  # becomes an iTXt chunk when the text is not Latin-1
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
-
-
-def image_grid(images):
-    """The images tiled row by row in a near-square grid."""
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid

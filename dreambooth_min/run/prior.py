@@ -13,7 +13,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import is_out_of_memory, OutOfMemory
-from ..sampling import generate, parameters_text, save_png
+from ..sampling import generate
+from ..formats.png import parameters_text, save_png
 
 
 def default_class_dir(model_name, class_prompt, resolution):

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..watch.report import append_jsonl, labelled_row, plot_loss, read_jsonl, stack_rows, write_text_atomic
 from ..errors import DiskFull
-from ..sampling import save_png
+from ..formats.png import save_png
 from .state import checkpoint_problem
 
 

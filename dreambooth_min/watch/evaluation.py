@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..formats.safetensors_io import atomic_path
 from .report import read_jsonl
-from ..run.data import find_images, to_rgb
-from ..sampling import save_png
+from ..formats.images import find_images, to_rgb
+from ..formats.png import save_png
 
 CLIP_MODEL = "openai/clip-vit-base-patch32"  # the paper does not name its CLIP; ViT-B/32 is Textual Inversion's
 DINO_MODEL = "facebook/dino-vits16"  # the paper's "ViT-S/16 DINO"

@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from ..formats.safetensors_io import atomic_path, writing
-from ..sampling import save_png
+from ..formats.png import save_png
 
 
 def write_text_atomic(path, text):

@@ -9,7 +9,8 @@ from ..errors import DiskFull, is_out_of_memory
 from .evaluation import best_epoch, embed_real, evaluate_epoch, load_evaluators, plot_metrics, read_images, write_jsonl_atomic
 from ..formats.lora_file import save_lora
 from .report import read_jsonl
-from ..sampling import generate, parameters_text
+from ..sampling import generate
+from ..formats.png import parameters_text
 from .trackers import make_tracker
 
 GUIDANCE = 7.5  # classifier-free guidance scale of the validation (and class-prompt) images
