@@ -19,7 +19,6 @@ from ..errors import UserError
 from .faults import guarded
 from ..formats.lora_file import kohya_unet_paths, save_lora
 from ..lora import inject_lora, TEXT_TARGETS
-from .run_folder import RunFolder
 from .setup import prepare
 from .state import TrainingState, save_checkpoint
 from ..watch.validation import Monitor, report_step, validate
