@@ -213,7 +213,7 @@ def find_default_model(folder=None):
     weights/ is looked for in the current folder, then beside the package (the project's own weights/).
     """
     if folder is None:
-        here, project = Path("weights"), Path(__file__).resolve().parents[1] / "weights"
+        here, project = Path("weights"), Path(__file__).resolve().parents[2] / "weights"
         folder = here if here.is_dir() or not project.is_dir() else project
     folder = Path(folder)
     found = sorted(folder.glob("*.safetensors")) + sorted(p.parent for p in folder.glob("*/model_index.json"))
