@@ -18,8 +18,10 @@ from pathlib import Path
 
 from dreambooth_min.errors import UserError
 from dreambooth_min.formats.safetensors_io import atomic_path
-from dreambooth_min.watch.evaluation import (CLIP_MODEL, CLIP_T_MARGIN, DINO_MODEL, METRICS, check_run, evaluate_epoch,
-                                       evaluate_run, load_evaluators, read_images)
+from dreambooth_min.watch.evaluation import CLIP_T_MARGIN, METRICS
+from dreambooth_min.watch.evaluators import CLIP_MODEL, DINO_MODEL, evaluate_epoch, load_evaluators
+from dreambooth_min.watch.finished_run import check_run, evaluate_run
+from dreambooth_min.watch.preprocess import read_images
 
 
 class _Parser(argparse.ArgumentParser):

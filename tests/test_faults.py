@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_min.watch import report
+from dreambooth_min.watch import plots, report
 from dreambooth_min.run.cli import run_command
 from dreambooth_min.errors import UserError
 from dreambooth_min.errors import DiskFull, OutOfMemory, is_out_of_memory
@@ -357,7 +357,7 @@ def test_torn_log_line(tmp_path):
     assert report.read_jsonl(log) == [{"step": 1, "loss": 0.5}]
     report.append_jsonl(log, {"step": 2, "loss": 0.25})  # starts on a line of its own
     assert report.read_jsonl(log) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}]
-    report.plot_loss(report.read_jsonl(log), tmp_path / "loss.png")
+    plots.plot_loss(report.read_jsonl(log), tmp_path / "loss.png")
     assert Image.open(tmp_path / "loss.png").size == (800, 400)
 
 

@@ -256,7 +256,7 @@ def test_evaluators_that_cannot_load_log_no_hub_warnings(tmp_path, monkeypatch):
     import huggingface_hub.constants
     import huggingface_hub.utils._http as http
 
-    from dreambooth_min.watch import evaluation
+    from dreambooth_min.watch import evaluators
 
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")  # the Hub cannot be reached
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -269,7 +269,7 @@ def test_evaluators_that_cannot_load_log_no_hub_warnings(tmp_path, monkeypatch):
     logging.getLogger("huggingface_hub").addHandler(handler)
     try:
         with pytest.raises(UserError, match=r"^--clip-model 'someone/clip': cannot load the CLIP model"):
-            evaluation.load_evaluators("someone/clip", "someone/dino", "cpu")
+            evaluators.load_evaluators("someone/clip", "someone/dino", "cpu")
     finally:
         logging.getLogger("huggingface_hub").removeHandler(handler)
         monkeypatch.undo()

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from ..watch.report import append_jsonl, labelled_row, plot_loss, read_jsonl, stack_rows, write_text_atomic
+from ..watch.plots import plot_loss
+from ..watch.report import append_jsonl, labelled_row, read_jsonl, stack_rows, write_text_atomic
 from ..errors import DiskFull
 from ..formats.png import save_png
 from .state import checkpoint_problem

@@ -1,10 +1,10 @@
-"""What a training run leaves behind for a person to look at: log.jsonl, loss.png, the sample grid.
+"""What a training run leaves behind besides its charts (plots.py): its .jsonl logs (log.jsonl,
+metrics.jsonl) read and written, small text files, and the sample grid (a labelled row per epoch, stacked).
 
 Drawn with pillow alone (no matplotlib). Every file is written atomically.
 """
 import errno
 import json
-import math
 import os
 from pathlib import Path
 
@@ -55,33 +55,9 @@ def read_jsonl(path):
     return records
 
 
-def plot_loss(records, path, size=(800, 400), smoothing=0.9):
-    """Loss per step (grey) and its exponential moving average (blue), on a log-free linear axis."""
-    w, h = size
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    pts = [(r["step"], r["loss"]) for r in records if math.isfinite(r.get("loss", float("nan")))]
-    left, right, top, bottom = 60, w - 20, 20, h - 40
-    draw.rectangle([left, top, right, bottom], outline="black")
-    if pts:
-        steps, losses = zip(*pts)
-        s0, s1 = min(steps), max(max(steps), min(steps) + 1)
-        l0, l1 = min(losses), max(losses)
-        l1 = l1 if l1 > l0 else l0 + 1e-8
-        xy = lambda s, v: (left + (s - s0) / (s1 - s0) * (right - left), bottom - (v - l0) / (l1 - l0) * (bottom - top))
-        ema, smooth = losses[0], []
-        for v in losses:
-            ema = smoothing * ema + (1 - smoothing) * v
-            smooth.append(ema)
-        if len(pts) > 1:
-            draw.line([xy(s, v) for s, v in pts], fill=(190, 190, 190), width=1)
-            draw.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(30, 90, 200), width=2)
-        draw.text((5, top), f"{l1:.4f}", fill="black")
-        draw.text((5, bottom - 10), f"{l0:.4f}", fill="black")
-        draw.text((left, bottom + 8), f"step {s0}", fill="black")
-        draw.text((right - 80, bottom + 8), f"step {s1}", fill="black")
-    draw.text((left + 10, top + 5), "training loss (grey) and its moving average (blue)", fill="black")
-    save_png(img, path)
+def write_jsonl_atomic(path, records):
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
 
 def labelled_row(images, label, label_width=110):

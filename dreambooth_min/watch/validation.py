@@ -6,9 +6,12 @@ optimizer step; with no tracker and no --eval-every they only write the sample r
 import torch
 
 from ..errors import DiskFull, is_out_of_memory
-from .evaluation import best_epoch, embed_real, evaluate_epoch, load_evaluators, plot_metrics, read_images, write_jsonl_atomic
+from .evaluation import best_epoch
+from .evaluators import embed_real, evaluate_epoch, load_evaluators
 from ..formats.lora_file import save_lora
-from .report import read_jsonl
+from .plots import plot_metrics
+from .preprocess import read_images
+from .report import read_jsonl, write_jsonl_atomic
 from ..sampling import generate
 from ..formats.png import parameters_text
 from .trackers import make_tracker
