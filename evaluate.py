@@ -122,7 +122,8 @@ def generate_mode(args):
 
     import dreambooth_min
     from dreambooth_min.watch.eval_prompts import prompts_for
-    from dreambooth_min.formats.lora_file import apply_lora, load_lora
+    from dreambooth_min.formats.lora_apply import apply_lora
+    from dreambooth_min.formats.lora_file import load_lora
     from dreambooth_min.sampling import check_size, generate
     from dreambooth_min.formats.png import parameters_text, save_png
 

@@ -15,7 +15,8 @@ import torch
 
 import dreambooth_min
 from dreambooth_min.errors import UserError
-from dreambooth_min.formats.lora_file import apply_lora, load_lora, lora_label, parse_lora_arg
+from dreambooth_min.formats.lora_apply import apply_lora, lora_label, parse_lora_arg
+from dreambooth_min.formats.lora_file import load_lora
 from dreambooth_min.formats.safetensors_io import check_writable
 from dreambooth_min.run.pivotal import use_embedding
 from dreambooth_min.sampling import check_size, generate

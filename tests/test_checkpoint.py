@@ -346,7 +346,8 @@ def test_a_pickle_in_weights_gets_the_conversion_hint(tmp_path):
 
 
 def test_a_model_passed_as_lora_is_named_as_such(tiny_sd1):
-    from dreambooth_min.formats.lora_file import apply_lora, load_lora
+    from dreambooth_min.formats.lora_apply import apply_lora
+    from dreambooth_min.formats.lora_file import load_lora
 
     sd = load(tiny_sd1["single"])
     with pytest.raises(UserError, match="not a LoRA"):

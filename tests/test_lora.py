@@ -12,7 +12,9 @@ from dreambooth_min.errors import UserError
 from dreambooth_min.layers import Conv2d
 from dreambooth_min.lora import (CONV_TARGETS, TEXT_TARGETS, UNET_TARGETS, LoRAConv2d, LoRALinear, inject_lora,
                                  lora_parameters)
-from dreambooth_min.formats.lora_file import apply_lora, kohya_name, load_lora, lora_state_dict, save_lora
+from dreambooth_min.formats.lora_apply import apply_lora
+from dreambooth_min.formats.lora_file import load_lora, lora_state_dict, save_lora
+from dreambooth_min.formats.lora_names import kohya_name
 
 from conditioning import assert_well_conditioned
 

@@ -177,7 +177,8 @@ def test_cli_lora_matches_diffusers_fused_lora(tmp_path):
     """--lora FILE --lora-scale s == diffusers' load_lora_weights + fuse_lora(lora_scale=s) (kohya file,
     UNet and text encoder layers)."""
     pytest.importorskip("peft")  # diffusers' LoRA loader needs it
-    from dreambooth_min.formats.lora_file import kohya_name, save_lora
+    from dreambooth_min.formats.lora_file import save_lora
+    from dreambooth_min.formats.lora_names import kohya_name
     from tiny import make_pipeline, save_folder
 
     pipe = make_pipeline("sd1")  # our own copy: loading a LoRA changes the pipeline

@@ -97,7 +97,8 @@ def test_kohya_sdxl_names():
     """UNet layers by their LDM paths (sd-scripts' SDXL UNet, ComfyUI, A1111), text encoders as te1 / te2."""
     import copy
 
-    from dreambooth_min.formats.lora_file import kohya_unet_paths, lora_state_dict
+    from dreambooth_min.formats.lora_file import lora_state_dict
+    from dreambooth_min.formats.lora_names import kohya_unet_paths
 
     unet, text, text_2 = _sdxl_modules()
     paths = kohya_unet_paths(unet)
@@ -128,7 +129,7 @@ def test_kohya_names_at_the_released_shape_name_real_tensors():
     from pathlib import Path
 
     from dreambooth_min.lora import CONV_TARGETS, UNET_TARGETS, inject_lora
-    from dreambooth_min.formats.lora_file import kohya_name, kohya_unet_paths
+    from dreambooth_min.formats.lora_names import kohya_name, kohya_unet_paths
     from dreambooth_min.unet import UNet2DConditionModel, UNetConfig
 
     real = json.loads((Path(__file__).parent / "data" / "sdxl_keys.json").read_text())
@@ -180,7 +181,9 @@ def test_our_sdxl_file_in_diffusers_and_theirs_in_ours(tmp_path):
 
     from peft.utils import get_peft_model_state_dict
 
-    from dreambooth_min.formats.lora_file import apply_lora, kohya_unet_paths, load_lora, lora_state_dict, save_lora
+    from dreambooth_min.formats.lora_apply import apply_lora
+    from dreambooth_min.formats.lora_file import load_lora, lora_state_dict, save_lora
+    from dreambooth_min.formats.lora_names import kohya_unet_paths
 
     base = _sdxl_modules()
     loras = _trained_like(*copy.deepcopy(base))
@@ -219,7 +222,8 @@ def test_other_family_is_one_line():
     import pytest
 
     from dreambooth_min.errors import UserError
-    from dreambooth_min.formats.lora_file import apply_lora, lora_state_dict
+    from dreambooth_min.formats.lora_apply import apply_lora
+    from dreambooth_min.formats.lora_file import lora_state_dict
     from tiny import make_pipeline
 
     unet, text, text_2 = _sdxl_modules()
@@ -275,7 +279,8 @@ def xl_denoising_loss(folder, lora, images_dir, resolution=32, seed=123):
     own size conditioning (as in training)."""
     from dreambooth_min import load
     from dreambooth_min.run.data import encode_latents
-    from dreambooth_min.formats.lora_file import apply_lora, load_lora
+    from dreambooth_min.formats.lora_apply import apply_lora
+    from dreambooth_min.formats.lora_file import load_lora
     from dreambooth_min.scheduler import add_noise
 
     sd = load(folder)
@@ -387,7 +392,8 @@ def test_sdxl_bad_inputs_are_one_line(tiny_xl, tiny_sd1, tmp_path, capsys):
     """An SD 1.x LoRA on SDXL and an SDXL LoRA on SD 1.x: exit 2 and one `error:` line naming both families."""
     import copy
 
-    from dreambooth_min.formats.lora_file import kohya_unet_paths, lora_state_dict, save_lora
+    from dreambooth_min.formats.lora_file import lora_state_dict, save_lora
+    from dreambooth_min.formats.lora_names import kohya_unet_paths
 
     base = _sdxl_modules()
     xl = _trained_like(*copy.deepcopy(base))

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from dreambooth_min import UserError, load
-from dreambooth_min.formats.lora_file import apply_lora, load_lora
+from dreambooth_min.formats.lora_apply import apply_lora
+from dreambooth_min.formats.lora_file import load_lora
 from dreambooth_min.scheduler import add_noise, alphas_cumprod
 from dreambooth_min.run.config import TrainConfig
 from dreambooth_min.dreambooth import dreambooth_loss

@@ -3,7 +3,11 @@
 LDM (CompVis/Stability-AI) names blocks by position: `input_blocks.4.1.proj_in` is the 4th input block's
 transformer; diffusers (and our modules) by role: `down_blocks.1.attentions.0.proj_in`. Block prefixes depend
 on the configuration (how many levels and res blocks); the names inside a res block or the VAE attention are
-fixed. The same table renames a LoRA's UNet layers to kohya's names (lora_file.py).
+fixed. The same table renames a LoRA's UNet layers to kohya's names (lora_names.py).
+
+Sizes are read from the tensors' shapes, so the same code loads the real 860M-parameter UNet and the
+tiny test models. The tensors do not say how many attention heads there are; the rule is the one of the
+released configs: SD 1.x (1x1-conv proj_in) has 8 heads, SD 2.x (linear proj_in) heads of 64 channels.
 """
 import re
 

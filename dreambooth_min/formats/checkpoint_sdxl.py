@@ -1,4 +1,6 @@
-"""SDXL checkpoints: what loading SDXL adds to checkpoint.py (kept apart so the SD 1.x / 2.x path stays short).
+"""Which family a checkpoint is (SDXL base or not; families we cannot run refused), and what loading SDXL adds
+to checkpoint.py: its second text encoder, its VAE's scale and dtype (kept apart so the SD 1.x / 2.x path stays
+short; SD 1.x vs 2.x is told later, by the UNet's proj_in, in checkpoint.py).
 
 The released single file `sd_xl_base_1.0.safetensors` (Stability-AI generative-models, "sgm") holds
     model.diffusion_model.*                           the UNet in LDM names, as SD 1.x / 2.x, plus `label_emb.0.{0,2}`:

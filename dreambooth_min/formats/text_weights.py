@@ -1,4 +1,5 @@
-"""Text encoders from checkpoint tensors: transformers' CLIPTextModel configs and OpenCLIP -> CLIP names.
+"""Text encoders from checkpoint tensors: transformers' CLIPTextModel configs, OpenCLIP -> CLIP names, and the
+model built on the meta device and filled (load_text), for both layouts and both of SDXL's encoders.
 
 SD 1.x and SDXL's first encoder are OpenAI CLIP ViT-L, stored in transformers' names already. SD 2.x's
 OpenCLIP ViT-H and SDXL's OpenCLIP bigG are stored in OpenCLIP's names (`transformer.resblocks.N`,

@@ -22,7 +22,8 @@ from ..errors import UserError
 from ..formats.safetensors_io import fsync_path, write_bytes_atomic, writing
 from ..lora import lora_parameters
 from .optim import make_optimizer
-from ..formats.lora_file import kohya_modules, load_lora, lora_state_dict, save_lora
+from ..formats.lora_file import load_lora, lora_state_dict, save_lora
+from ..formats.lora_names import kohya_modules
 
 
 def lr_multiplier(step, warmup, total, kind):
@@ -39,7 +40,7 @@ class TrainingState:
     """LoRA wrappers, AdamW, GradScaler, the LR schedule and the generator of the run's random draws.
 
     SDXL: `text_loras_2` wraps the second text encoder (None for SD 1.x / 2.x), and `unet_paths` names the
-    UNet's layers in the file (lora_file.kohya_unet_paths). `embeddings`: --pivotal's new token rows
+    UNet's layers in the file (lora_names.kohya_unet_paths). `embeddings`: --pivotal's new token rows
     (pivotal.PivotalTokens), or None."""
 
     def __init__(self, cfg, unet_loras, text_loras, scaler, total_steps, text_loras_2=None, unet_paths=None,

@@ -17,7 +17,8 @@ from .distributed import is_main
 from ..dreambooth import assemble_batch, dreambooth_step
 from ..errors import UserError
 from .faults import guarded
-from ..formats.lora_file import kohya_unet_paths, save_lora
+from ..formats.lora_file import save_lora
+from ..formats.lora_names import kohya_unet_paths
 from ..lora import inject_lora, TEXT_TARGETS
 from .setup import prepare
 from .state import TrainingState, save_checkpoint

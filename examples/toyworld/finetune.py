@@ -72,7 +72,8 @@ def run_train(cmd, threads):
 def load_model(model_path, lora=None):
     """The saved toy model, with a LoRA merged into it (scale 1) when given."""
     from dreambooth_min import load
-    from dreambooth_min.formats.lora_file import apply_lora, load_lora
+    from dreambooth_min.formats.lora_apply import apply_lora
+    from dreambooth_min.formats.lora_file import load_lora
 
     sd = load(model_path)
     if lora is not None:
