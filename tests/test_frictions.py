@@ -14,7 +14,7 @@ from PIL import Image
 
 from dreambooth_min.formats import checkpoint
 
-from dreambooth_min.run import estimate, prior
+from dreambooth_min.run import estimate, prior, setup
 from dreambooth_min.run.cli import run_command
 from dreambooth_min.errors import SettingError
 from dreambooth_min.run.config import config_from_json
@@ -63,7 +63,7 @@ def test_sample_checks_its_destination_first(out, message, tmp_path, monkeypatch
 def test_the_plan_says_a_tiny_model_is_random_and_counts_in_words(tmp_path, monkeypatch, capsys):
     make_tiny(tmp_path / "weights" / "tiny-sd1")
     monkeypatch.chdir(tmp_path)  # the model comes from weights/, as in the README's try-out recipe
-    monkeypatch.setattr(prior, "ensure_class_images", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(setup, "ensure_class_images", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     lines = []
     cfg = config(tmp_path, "", steps=3, validate_every=1, validation_images=1, validation_steps=1)
     with pytest.raises(KeyboardInterrupt):  # stop after the plan, as Ctrl-C would
@@ -114,8 +114,8 @@ def test_estimate_counts_unet_passes():
 def test_a_full_size_model_on_the_cpu_is_warned_about(tmp_path, monkeypatch):
     make_tiny(tmp_path / "tiny")
     monkeypatch.setattr(estimate, "FULL_SIZE", 1000)  # the tiny UNet stands in for a full-size one
-    monkeypatch.setattr(estimate, "seconds_per_latent", lambda *a: 2.0)
-    monkeypatch.setattr(prior, "ensure_class_images", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(setup, "seconds_per_latent", lambda *a: 2.0)
+    monkeypatch.setattr(setup, "ensure_class_images", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     lines = []
     with pytest.raises(KeyboardInterrupt):
         train(config(tmp_path, tmp_path / "tiny", steps=100, num_class_images=3), log=lines.append)
