@@ -11,7 +11,7 @@ from PIL import Image, ImageOps
 
 from ..conditioning import size_time_ids
 from ..errors import UserError
-from ..formats.images import find_images, to_rgb
+from ..formats.images import IMAGE_EXTS, find_images, to_rgb
 
 
 def load_image(path, resolution):
