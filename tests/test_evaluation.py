@@ -276,6 +276,7 @@ def test_run_without_class_images_has_no_pres(models, tmp_path):
     (["--generate", "0", "--real", "r", "--class-noun", "dog"], "at least 1"),
     (["--generate", "2", "--real", "r"], "--class-noun"),
     (["--batch-size", "x"], "invalid int"),
+    (["--generated", "g", "--real", "r", "--prompt", "p", "--device", "gpu0"], "--device must be cuda, cuda:N or cpu"),
 ])
 def test_cli_bad_input_one_error_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -163,7 +163,7 @@ def test_a_lora_target_typo_stops_before_the_plan(tiny_sd1, tmp_path, capsys):
     ('{"config": {"lora_targets": ["to_q", 3]}}', "lora_targets must be a list of names, not ('to_q', 3)")])
 def test_resume_with_a_mistyped_config_is_one_line(saved, message, tmp_path, capsys):
     (tmp_path / "config.json").write_text(saved)
-    assert run_command(lambda: train_cli.main(["--resume", str(tmp_path)])) == 2
+    assert train_cli.main(["--resume", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"error: the run's configuration {tmp_path}/config.json is damaged: {message}\n"
 
 
@@ -175,10 +175,10 @@ def test_a_well_typed_config_still_resumes(tmp_path):
 
 def test_resume_of_a_photo_folder_says_it_is_not_a_run(tmp_path, capsys):
     synthetic_images(tmp_path / "dog")
-    assert run_command(lambda: train_cli.main(["--resume", str(tmp_path / "dog")])) == 2
+    assert train_cli.main(["--resume", str(tmp_path / "dog")]) == 2
     assert capsys.readouterr().err == (f"error: --resume {tmp_path}/dog: not a run folder (it has no config.json); "
                                        "give the folder that train.py made, e.g. runs/20261125-101500\n")
-    assert run_command(lambda: train_cli.main(["--resume", str(tmp_path / "nope")])) == 2
+    assert train_cli.main(["--resume", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err == (f"error: --resume {tmp_path}/nope: no such run folder (runs are in "
                                        "runs/<timestamp>/ or --output)\n")
 

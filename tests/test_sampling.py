@@ -252,6 +252,8 @@ def test_decode_postprocess_rounds_like_diffusers():
     (["--width", "0"], "error: width must be a positive multiple of 8, not 0"),
     (["--out", "x.jpg"], "error: --out must be a .png file"),
     (["--model", "/nonexistent/model.safetensors"], "error: model not found: /nonexistent/model.safetensors"),
+    (["--eta", "-1"], "error: --eta must be >= 0, not -1.0"),
+    (["--device", "gpu0"], "error: --device must be cuda, cuda:N or cpu, not 'gpu0'"),
 ])
 def test_cli_errors_are_one_line(extra, message, capsys):
     args = ["--model", "/nonexistent/model.safetensors", "--prompt", "", "--no-progress"] + extra
@@ -264,6 +266,7 @@ def test_cli_script_exits_2_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(tmp_path / "missing"), "--prompt", "x"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.startswith("error: model not found") and "Traceback" not in r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr
 
 
 def test_timesteps_passed_to_the_unet_are_diffusers():

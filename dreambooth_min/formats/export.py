@@ -14,14 +14,15 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..model import RANDOM_NOTE
+from ..sampling import DDIM_DEFAULTS, SD_SCHEDULE
+from ..scheduler import PREDICTION_TYPES
 from .safetensors_io import save_atomic
 from ..text import PAD_TOKEN, TOKENIZER_DIR
 
 DIFFUSERS_VERSION = "0.30.0"  # the config format written here; any diffusers since 0.30 reads it
-# The released SD 1.x / 2.x DDIM scheduler settings (what diffusers' SD repos hold).
-SCHEDULER = dict(_class_name="DDIMScheduler", _diffusers_version=DIFFUSERS_VERSION, num_train_timesteps=1000,
-                 beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", trained_betas=None,
-                 clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+# The released SD 1.x / 2.x DDIM scheduler settings (what diffusers' SD repos hold): SD's schedule and DDIM's.
+SCHEDULER = dict(_class_name="DDIMScheduler", _diffusers_version=DIFFUSERS_VERSION, **DDIM_DEFAULTS,
+                 **{k: v for k, v in SD_SCHEDULE.items() if k not in ("thresholding", "rescale_betas_zero_snr")})
 MODEL_INDEX = dict(_class_name="StableDiffusionPipeline", _diffusers_version=DIFFUSERS_VERSION,
                    unet=["diffusers", "UNet2DConditionModel"], vae=["diffusers", "AutoencoderKL"],
                    text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"],
@@ -101,8 +102,8 @@ def save_diffusers_folder(path, unet, vae, text_encoder, version, prediction_typ
     """
     if version not in PAD_TOKEN:
         raise UserError(f"version must be one of {', '.join(PAD_TOKEN)}, not {version!r}")
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise UserError(f"prediction type must be epsilon or v_prediction, not {prediction_type!r}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise UserError(f"prediction type must be {' or '.join(PREDICTION_TYPES)}, not {prediction_type!r}")
     path = Path(path)
     if path.exists() and not (path.is_dir() and ((path / "model_index.json").exists() or not any(path.iterdir()))):
         raise UserError(f"{path} exists and is not a diffusers model folder: not overwriting it")

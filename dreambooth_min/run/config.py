@@ -12,9 +12,10 @@ from pathlib import Path
 
 from ..errors import SettingError, UserError
 from ..lora import UNET_TARGETS
+from ..scheduler import PREDICTION_TYPES
+from .hardware import DTYPES
 from .optim import DEFAULT_LR
 from .pivotal import check_tokens
-
 
 
 def option(default, help, group, **argparse_extras):
@@ -41,7 +42,7 @@ class TrainConfig:
     revision: str = option("", "branch, tag or commit of a Hub --model (default: main; a resumed run uses the "
                                "commit it started with)", SUBJECT)
     prediction_type: str = option("", "override the detected prediction type", SUBJECT,
-                                  choices=("epsilon", "v_prediction"))
+                                  choices=PREDICTION_TYPES)
     resolution: int = option(0, "training size in pixels (0: 512 for SD 1.x and 2.x-base, 768 for SD 2.x "
                                 "v-models, 1024 for SDXL)", SUBJECT)
     flip: bool = option(True, "no random horizontal flips: for asymmetric subjects (text, logos)", SUBJECT)
@@ -90,12 +91,12 @@ class TrainConfig:
     device: str = option("", "cuda or cpu (default: cuda if available)", HARDWARE)
     precision: str = option("", "fp16 = frozen fp16 base + autocast + GradScaler (default on CUDA; on the CPU "
                                 "for testing only, slow); bf16; fp32 (default on the CPU)", HARDWARE,
-                            choices=("fp16", "bf16", "fp32"))
+                            choices=tuple(DTYPES))
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, ~30%% slower",
                                           HARDWARE)
     vae_precision: str = option("", "precision of the VAE's encoding and decoding (default: the base's, but fp32 for "
                                     "SDXL over an fp16 base: SDXL's VAE overflows fp16 into NaN / black images)",
-                                HARDWARE, choices=("fp16", "bf16", "fp32"))
+                                HARDWARE, choices=tuple(DTYPES))
 
     output: str = option("", "run folder (default: runs/<timestamp>)", OUTPUTS)
     save_every: int = option(250, "checkpoint every N steps; 0: only at the end and on Ctrl-C", OUTPUTS)

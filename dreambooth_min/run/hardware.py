@@ -1,4 +1,4 @@
-"""Where and in what precision a run computes.
+"""Where and in what precision a run computes, and sample.py and evaluate.py too (`resolve_hardware`).
 
 CUDA default: the frozen base in fp16, LoRA factors in fp32, autocast, and a GradScaler that scales the
 loss so fp16 gradients do not underflow (Micikevicius et al. 2018). The CPU runs fp32 by default; fp16 and
@@ -53,7 +53,8 @@ def precision_name(dtype):
 
 
 def resolve_hardware(device="", precision=""):
-    """The device (cuda when available) and precision (fp16 on CUDA, fp32 on the CPU) a run uses."""
+    """The device (cuda when available) and precision (fp16 on CUDA, fp32 on the CPU) a run, or a command's
+    sampling, uses. A bad or unavailable --device is a SettingError: bad input, exit status 2."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SettingError("device", f"{device} asked for, but this machine has no CUDA GPU (use --device cpu)")

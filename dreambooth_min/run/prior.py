@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import is_out_of_memory, OutOfMemory
-from ..sampling import generate
+from ..sampling import BATCH_SIZE, ETA, GUIDANCE, generate
 from ..formats.png import parameters_text, save_png
 
 
@@ -37,7 +37,7 @@ def damaged(path):
     return None
 
 
-def ensure_class_images(sd, folder, prompt, n, resolution, steps=30, guidance=7.5, seed=0, batch_size=4,
+def ensure_class_images(sd, folder, prompt, n, resolution, steps, guidance=GUIDANCE, seed=0, batch_size=BATCH_SIZE,
                         negative_prompt="", log=tqdm.write, rank=0, world=1):
     """Make sure `folder` holds class images 0..n-1; draw the missing or damaged ones. Returns their paths.
 
@@ -83,7 +83,7 @@ def _draw(sd, paths, missing, prompt, resolution, steps, guidance, seed, batch_s
                               batch_size=batch_size)
             for i, image in zip(run, images):
                 save_png(image, paths[i], parameters_text(prompt, negative_prompt, steps, guidance, seed + i,
-                                                          resolution, resolution, sd.name, 0.0))
+                                                          resolution, resolution, sd.name, ETA))
                 bar.update(1)
     except KeyboardInterrupt:
         bar.close()  # ends the bar's line, so that what follows has a line of its own

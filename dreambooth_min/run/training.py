@@ -2,7 +2,10 @@
 
 train() reads top to bottom: check the settings, load the model and photos, draw the class images, add LoRA,
 then the loop (latents are encoded as first drawn); Ctrl-C saves a checkpoint from which `resume=True`
-continues exactly.
+continues exactly. run_loop reads as the method's step: assemble a batch, `micro_step` (the loss and its
+backward pass), and every --grad-accum micro-batches the sync (torchrun), the optimizer step
+(state.py: unscale, clip, AdamW, LR schedule), `log_step` (log.jsonl, tracker, progress bar), a checkpoint
+when due; validation at the end of an epoch.
 """
 import math
 import time
@@ -112,7 +115,9 @@ def run_loop(cfg, setup, state, total_steps, micro_per_epoch, stop_after=None):
             running = parts if running is None else running + parts  # the mean over the micro-batches
             if (micro + 1) % cfg.grad_accum == 0:
                 running, stop = dist.sync_step(state.params, running)  # torchrun: the mean over the processes
-                log_step(cfg, setup, state, running, (micro + 1) / micro_per_epoch, time.time() - start, bar)
+                losses, lr = running.tolist(), state.optimizer.param_groups[0]["lr"]  # the rate this step uses
+                grad_norm = state.optimizer_step(cfg.max_grad_norm, loss_finite=math.isfinite(losses[0]))
+                log_step(setup, state, losses, lr, grad_norm, (micro + 1) / micro_per_epoch, time.time() - start, bar)
                 boundary, running = state.generator.get_state(), None
                 if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
                     save_checkpoint(cfg, setup, state)
@@ -150,12 +155,12 @@ def micro_step(cfg, setup, state, batch, contexts, share):
     return torch.stack(parts).detach() * share / cfg.grad_accum
 
 
-def log_step(cfg, setup, state, running, epoch, seconds, bar):
-    """One optimizer step, then its line in log.jsonl and the progress bar (rank 0's, under torchrun)."""
-    lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses
-    loss, loss_instance, loss_prior = running.tolist()
+def log_step(setup, state, losses, lr, grad_norm, epoch, seconds, bar):
+    """A finished optimizer step's line in log.jsonl, the tracker and the progress bar (rank 0's, under torchrun):
+    its `losses` [loss, instance, prior], the `lr` it used and the `grad_norm` it clipped. Raises Diverged
+    after MAX_NONFINITE_STEPS skipped steps in a row."""
+    loss, loss_instance, loss_prior = losses
     finite = math.isfinite(loss)
-    grad_norm = state.optimizer_step(cfg.max_grad_norm, finite)
     record = {"step": state.step, "epoch": round(epoch, 4), "loss": loss, "loss_instance": loss_instance,
               "loss_prior": loss_prior, "lr": lr, "grad_norm": grad_norm.item(), "seconds": round(seconds, 3)}
     if "d" in state.optimizer.param_groups[0]:  # Prodigy: its estimated step size; the step moves by about d * lr

@@ -15,9 +15,7 @@ from .report import read_jsonl, write_jsonl_atomic
 from ..sampling import generate
 from ..formats.png import parameters_text
 from .trackers import make_tracker
-
-GUIDANCE = 7.5  # classifier-free guidance scale of the validation (and class-prompt) images
-
+from ..sampling import ETA, GUIDANCE  # the validation and class images are drawn with the sampling defaults
 
 class Monitor:
     """The run's tracker (trackers.py) and, with --eval-every, the evaluator models and real-photo embeddings."""
@@ -53,7 +51,7 @@ def draw(cfg, setup, prompt):
     with torch.no_grad():
         images = generate(setup.sd, prompt, num_images=cfg.validation_images, steps=cfg.validation_steps,
                           guidance=GUIDANCE, seed=cfg.seed, height=res, width=res, progress=f"drawing {prompt!r}")
-    return images, parameters_text(prompt, "", cfg.validation_steps, GUIDANCE, cfg.seed, res, res, setup.sd.name, 0.0)
+    return images, parameters_text(prompt, "", cfg.validation_steps, GUIDANCE, cfg.seed, res, res, setup.sd.name, ETA)
 
 
 def validate(cfg, setup, epoch, step=0):
