@@ -11,6 +11,7 @@ from PIL import Image
 
 import sample
 from dreambooth_min import sampling
+from dreambooth_min.formats import png
 from dreambooth_min.scheduler import ddim_timesteps
 
 from conditioning import assert_well_conditioned
@@ -223,10 +224,10 @@ def test_generate_fp16_cuda_close_to_fp32_cpu(tiny_sd2):
 def test_save_png_is_atomic_and_keeps_parameters(tmp_path):
     path = tmp_path / "a" / "x.png"
     image = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3))
-    text = sampling.parameters_text("ein Foto von sks Hündin 🐕", "", 20, 7.5, 0, 512, 768, "v1-5-pruned-emaonly", 0.0)
+    text = png.parameters_text("ein Foto von sks Hündin 🐕", "", 20, 7.5, 0, 512, 768, "v1-5-pruned-emaonly", 0.0)
     assert text == ("ein Foto von sks Hündin 🐕\nSteps: 20, Sampler: DDIM, CFG scale: 7.5, Seed: 0, Size: 512x768, "
                     "Model: v1-5-pruned-emaonly, Eta: 0.0")
-    sampling.save_png(image, path, text)
+    png.save_png(image, path, text)
     back = Image.open(path)
     assert back.text["parameters"] == text and np.array_equal(np.asarray(back), np.asarray(image))
     assert [p.name for p in path.parent.iterdir()] == ["x.png"]
