@@ -26,20 +26,19 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint_sdxl as sdxl
 from ..errors import UserError
-from .hub import DEFAULT_MODEL, resolve_model
 from ..model import RANDOM_NOTE, StableDiffusion
 from ..scheduler import PREDICTION_TYPES
-from .safetensors_io import PICKLE_HINT, SafetensorsFile
-from .checkpoint_names import (HF_CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, infer_unet_config,
-                               infer_vae_config, rename, unet_rename_table, vae_rename_table)
-from .fill import build, fill
-from .text_weights import convert_open_clip, load_text, text_config_from_json
 from ..text import load_tokenizer
 from ..unet import UNet2DConditionModel, UNetConfig
 from ..vae import AutoencoderKL, VAEConfig
-
+from . import checkpoint_sdxl as sdxl
+from .checkpoint_names import (HF_CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, infer_unet_config,
+                               infer_vae_config, rename, unet_rename_table, vae_rename_table)
+from .fill import build, fill
+from .hub import DEFAULT_MODEL, resolve_model
+from .safetensors_io import PICKLE_HINT, SafetensorsFile
+from .text_weights import convert_open_clip, load_text, text_config_from_json
 
 
 def load(path, dtype=torch.float32, device="cpu", prediction_type=None, revision=None, log=print):

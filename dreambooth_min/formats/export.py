@@ -16,8 +16,8 @@ from ..errors import UserError
 from ..model import RANDOM_NOTE
 from ..sampling import DDIM_DEFAULTS, SD_SCHEDULE
 from ..scheduler import PREDICTION_TYPES
-from .safetensors_io import save_atomic
 from ..text import PAD_TOKEN, TOKENIZER_DIR
+from .safetensors_io import save_atomic
 
 DIFFUSERS_VERSION = "0.30.0"  # the config format written here; any diffusers since 0.30 reads it
 # The released SD 1.x / 2.x DDIM scheduler settings (what diffusers' SD repos hold): SD's schedule and DDIM's.

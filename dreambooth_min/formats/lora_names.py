@@ -8,9 +8,9 @@ looked up (module_table).
 """
 import re
 
-from .checkpoint_names import unet_rename_table, unrename
 from ..lora import LoRALinear
 from ..unet import UNetConfig
+from .checkpoint_names import unet_rename_table, unrename
 
 
 # ---------------------------------------------------------------------------------------------------

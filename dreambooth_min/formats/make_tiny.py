@@ -11,9 +11,9 @@ import sys
 import torch
 
 from ..errors import UserError
-from .export import save_diffusers_folder
 from ..unet import UNet2DConditionModel, UNetConfig
 from ..vae import AutoencoderKL, VAEConfig
+from .export import save_diffusers_folder
 
 # SD topology at toy size: attention at every level but the last, 2 res blocks per level, a VAE with four
 # levels (8x downscale like the real one). SD 1.x: 8 heads, conv projections, 32-wide text; SD 2.x: one

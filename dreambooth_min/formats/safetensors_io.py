@@ -85,7 +85,6 @@ class SafetensorsFile:
 FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-
 def _free(path):
     try:
         return f"{shutil.disk_usage(Path(path).parent).free / 2**20:.1f} MiB free"

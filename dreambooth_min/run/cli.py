@@ -8,7 +8,7 @@ import argparse
 import dataclasses
 import sys
 
-from ..errors import is_out_of_memory, SettingError, UserError
+from ..errors import SettingError, UserError, is_out_of_memory
 
 
 def flag(name):

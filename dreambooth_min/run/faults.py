@@ -6,8 +6,8 @@ import contextlib
 
 import torch
 
+from ..errors import DiskFull, OutOfMemory, is_out_of_memory
 from . import distributed as dist
-from ..errors import DiskFull, is_out_of_memory, OutOfMemory
 from .state import save_checkpoint
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from ..formats.embedding_file import load_embedding, save_embedding, SDXL_KEYS
+from ..formats.embedding_file import SDXL_KEYS, load_embedding, save_embedding
 
 TOKEN = re.compile(r"<[^<>|\s]+>")  # <s0>; not <|endoftext|>, CLIP's own special tokens
 

@@ -12,9 +12,9 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..errors import is_out_of_memory, OutOfMemory
-from ..sampling import BATCH_SIZE, ETA, GUIDANCE, generate
+from ..errors import OutOfMemory, is_out_of_memory
 from ..formats.png import parameters_text, save_png
+from ..sampling import BATCH_SIZE, ETA, GUIDANCE, generate
 
 
 def default_class_dir(model_name, class_prompt, resolution):

@@ -10,11 +10,10 @@ import shutil
 import time
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import DiskFull, UserError
+from ..formats.png import save_png
 from ..watch.plots import plot_loss
 from ..watch.report import append_jsonl, labelled_row, read_jsonl, stack_rows, write_text_atomic
-from ..errors import DiskFull
-from ..formats.png import save_png
 from .state import checkpoint_problem
 
 

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import torch
 
-from . import distributed as dist
-from .data import LatentCache, load_image, load_instance_images, original_size, photo_time_ids
 from ..errors import SettingError, UserError
-from .estimate import duration, estimate, is_full_size, seconds_per_latent
 from ..formats.checkpoint import find_default_model, load
 from ..formats.lora_file import training_metadata
 from ..formats.safetensors_io import check_writable
-from .hardware import precision_name, resolve_hardware
 from ..lora import unknown_targets
+from . import distributed as dist
+from .data import LatentCache, load_image, load_instance_images, original_size, photo_time_ids
+from .estimate import duration, estimate, is_full_size, seconds_per_latent
+from .hardware import precision_name, resolve_hardware
 from .optim import describe as describe_optimizer
 from .prior import class_image_paths, default_class_dir, ensure_class_images
 from .run_folder import RunFolder

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from . import distributed as dist
 from ..errors import UserError
-from ..formats.safetensors_io import fsync_path, write_bytes_atomic, writing
-from ..lora import lora_parameters
-from .optim import make_optimizer
 from ..formats.lora_file import load_lora, lora_state_dict, save_lora
 from ..formats.lora_names import kohya_modules
+from ..formats.safetensors_io import fsync_path, write_bytes_atomic, writing
+from ..lora import lora_parameters
+from . import distributed as dist
+from .optim import make_optimizer
 
 
 def lr_multiplier(step, warmup, total, kind):
@@ -180,7 +180,6 @@ def checkpoint_problem(folder):
         if sha256(path) != entry.get("sha256"):
             return f"{name} does not match its SHA-256 in {MANIFEST}"
     return None
-
 
 
 def _copy_factors(tensors, key, lora, path):

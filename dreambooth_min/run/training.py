@@ -13,19 +13,20 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed as dist, pivotal
 from ..conditioning import Cond
-from .data import epoch_order
-from .distributed import is_main
 from ..dreambooth import assemble_batch, dreambooth_step
 from ..errors import UserError
-from .faults import guarded
 from ..formats.lora_file import save_lora
 from ..formats.lora_names import kohya_unet_paths
-from ..lora import inject_lora, TEXT_TARGETS
+from ..lora import TEXT_TARGETS, inject_lora
+from ..watch.validation import Monitor, report_step, validate
+from . import distributed as dist
+from . import pivotal
+from .data import epoch_order
+from .distributed import is_main
+from .faults import guarded
 from .setup import prepare
 from .state import TrainingState, save_checkpoint
-from ..watch.validation import Monitor, report_step, validate
 
 
 validate_on_main = dist.main_only(validate)  # rank 0 draws and writes the samples; the others wait for it
@@ -40,7 +41,6 @@ class Diverged(UserError):
 
 
 MAX_NONFINITE_STEPS = 5  # skipped steps in a row before the run gives up
-
 
 
 def train(cfg, resume=False, stop_after=None, log=tqdm.write):

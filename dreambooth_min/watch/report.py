@@ -10,8 +10,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ..formats.safetensors_io import atomic_path, writing
 from ..formats.png import save_png
+from ..formats.safetensors_io import atomic_path, writing
 
 
 def write_text_atomic(path, text):

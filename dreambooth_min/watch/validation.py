@@ -6,16 +6,15 @@ optimizer step; with no tracker and no --eval-every they only write the sample r
 import torch
 
 from ..errors import DiskFull, is_out_of_memory
+from ..formats.lora_file import save_lora
+from ..formats.png import parameters_text
+from ..sampling import ETA, GUIDANCE, generate
 from .evaluation import best_epoch
 from .evaluators import embed_real, evaluate_epoch, load_evaluators
-from ..formats.lora_file import save_lora
 from .plots import plot_metrics
 from .preprocess import read_images
 from .report import read_jsonl, write_jsonl_atomic
-from ..sampling import generate
-from ..formats.png import parameters_text
 from .trackers import make_tracker
-from ..sampling import ETA, GUIDANCE  # the validation and class images are drawn with the sampling defaults
 
 class Monitor:
     """The run's tracker (trackers.py) and, with --eval-every, the evaluator models and real-photo embeddings."""
