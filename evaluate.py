@@ -16,11 +16,16 @@ import json
 import sys
 from pathlib import Path
 
+import dreambooth_min
+from dreambooth_min.errors import UserError
+from dreambooth_min.formats.lora_apply import apply_lora
+from dreambooth_min.formats.lora_file import load_lora
+from dreambooth_min.formats.png import parameters_text, save_png
+from dreambooth_min.formats.safetensors_io import atomic_path
 from dreambooth_min.run.cli import run_command
 from dreambooth_min.run.hardware import resolve_hardware
-from dreambooth_min.sampling import ETA, GUIDANCE, STEPS
-from dreambooth_min.errors import UserError
-from dreambooth_min.formats.safetensors_io import atomic_path
+from dreambooth_min.sampling import ETA, GUIDANCE, STEPS, check_size, generate
+from dreambooth_min.watch.eval_prompts import prompts_for
 from dreambooth_min.watch.evaluation import CLIP_T_MARGIN, METRICS
 from dreambooth_min.watch.evaluators import CLIP_MODEL, DINO_MODEL, evaluate_epoch, load_evaluators
 from dreambooth_min.watch.finished_run import check_run, evaluate_run
@@ -119,13 +124,6 @@ def folder_mode(args):
 
 
 def generate_mode(args):
-    import dreambooth_min
-    from dreambooth_min.watch.eval_prompts import prompts_for
-    from dreambooth_min.formats.lora_apply import apply_lora
-    from dreambooth_min.formats.lora_file import load_lora
-    from dreambooth_min.sampling import check_size, generate
-    from dreambooth_min.formats.png import parameters_text, save_png
-
     prompts = prompts_for(args.class_noun, args.token)[:args.num_prompts]
     class_prompt = args.class_prompt.format(class_noun=args.class_noun) if args.class_prompt else ""
     real = read_images(args.real, "--real")

@@ -15,12 +15,12 @@ import dreambooth_min
 from dreambooth_min.errors import UserError
 from dreambooth_min.formats.lora_apply import apply_lora, lora_label, parse_lora_arg
 from dreambooth_min.formats.lora_file import load_lora
-from dreambooth_min.formats.safetensors_io import check_writable
-from dreambooth_min.run.pivotal import use_embedding
-from dreambooth_min.sampling import BATCH_SIZE, ETA, GUIDANCE, STEPS, check_size, generate
 from dreambooth_min.formats.png import image_grid, parameters_text, save_png
+from dreambooth_min.formats.safetensors_io import check_writable
 from dreambooth_min.run.cli import run_command
 from dreambooth_min.run.hardware import DTYPES, resolve_hardware
+from dreambooth_min.run.pivotal import use_embedding
+from dreambooth_min.sampling import BATCH_SIZE, ETA, GUIDANCE, STEPS, check_size, generate
 from dreambooth_min.scheduler import PREDICTION_TYPES
 
 

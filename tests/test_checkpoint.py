@@ -7,7 +7,8 @@ import torch
 
 import dreambooth_min
 from dreambooth_min import UserError, find_default_model, load
-from dreambooth_min.formats.checkpoint_names import infer_unet_config, rename, unet_rename_table, unrename, vae_rename_table
+from dreambooth_min.formats.checkpoint_names import infer_unet_config, rename, unet_rename_table, unrename
+from dreambooth_min.formats.checkpoint_names import vae_rename_table
 from dreambooth_min.unet import UNetConfig
 from dreambooth_min.vae import VAEConfig
 from conditioning import assert_well_conditioned

@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_min.run import distributed as dist
 from dreambooth_min.dreambooth import Batch, dreambooth_loss
 from dreambooth_min.formats.lora_file import load_lora
+from dreambooth_min.run import distributed as dist
 from test_training import synthetic_images
 
 ROOT = Path(__file__).resolve().parents[1]

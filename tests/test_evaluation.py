@@ -12,8 +12,8 @@ from PIL import Image
 
 import evaluate
 import dreambooth_min
-from dreambooth_min.watch import evaluation as ev, evaluators, finished_run, preprocess as pre
 from dreambooth_min.errors import UserError
+from dreambooth_min.watch import evaluation as ev, evaluators, finished_run, preprocess as pre
 from dreambooth_min.watch.eval_prompts import LIVE_PROMPTS, OBJECT_PROMPTS, is_live, prompts_for
 
 from conditioning import assert_well_conditioned

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreambooth_min.formats import checkpoint
 from dreambooth_min.errors import UserError
+from dreambooth_min.formats import checkpoint
 from dreambooth_min.formats.export import save_diffusers_folder
 from dreambooth_min.formats.make_tiny import build_tiny
 

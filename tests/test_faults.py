@@ -22,12 +22,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_min.watch import plots, report
+from dreambooth_min.errors import DiskFull, OutOfMemory, UserError, is_out_of_memory
 from dreambooth_min.run.cli import run_command
-from dreambooth_min.errors import UserError
-from dreambooth_min.errors import DiskFull, OutOfMemory, is_out_of_memory
 from dreambooth_min.run.state import checkpoint_problem
 from dreambooth_min.run.training import train
+from dreambooth_min.watch import plots, report
 from test_training import ROOT, config, synthetic_images
 
 STEPS = 6  # every run here has the same settings but for when and how often it saves: one reference LoRA

@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dreambooth_min.run.hardware import resolve_hardware
+from dreambooth_min.formats.lora_file import load_lora
 from dreambooth_min.layers import attention
 from dreambooth_min.lora import inject_lora
-from dreambooth_min.formats.lora_file import load_lora
+from dreambooth_min.run.hardware import resolve_hardware
 from dreambooth_min.run.state import TrainingState
 from dreambooth_min.run.training import train
 from test_training import config

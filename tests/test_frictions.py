@@ -14,15 +14,14 @@ from PIL import Image
 
 from dreambooth_min.formats import checkpoint
 
-from dreambooth_min.run import estimate, prior, setup
-from dreambooth_min.run.cli import run_command
-from dreambooth_min.errors import SettingError
-from dreambooth_min.run.config import config_from_json
-from dreambooth_min.errors import UserError
-from dreambooth_min.lora import inject_lora
+from dreambooth_min.errors import SettingError, UserError
 from dreambooth_min.formats.lora_apply import apply_lora, file_family, model_family, parse_lora_arg
 from dreambooth_min.formats.lora_file import lora_state_dict
 from dreambooth_min.formats.make_tiny import build_tiny, make_tiny
+from dreambooth_min.lora import inject_lora
+from dreambooth_min.run import estimate, prior, setup
+from dreambooth_min.run.cli import run_command
+from dreambooth_min.run.config import config_from_json
 from dreambooth_min.run.training import train
 from test_training import config, synthetic_images
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save
 
-from dreambooth_min.formats import checkpoint, hub as hubmod
 from dreambooth_min.errors import UserError
+from dreambooth_min.formats import checkpoint, hub as hubmod
 from hub_server import FakeHub
 
 ROOT = Path(__file__).resolve().parents[1]

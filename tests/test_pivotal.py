@@ -11,11 +11,11 @@ from PIL import Image
 
 import sample
 from dreambooth_min import load
+from dreambooth_min.errors import UserError
+from dreambooth_min.formats.embedding_file import load_embedding, save_embedding
+from dreambooth_min.formats.lora_file import load_lora
 from dreambooth_min.run import pivotal
 from dreambooth_min.run.config import TrainConfig
-from dreambooth_min.formats.embedding_file import load_embedding, save_embedding
-from dreambooth_min.errors import UserError
-from dreambooth_min.formats.lora_file import load_lora
 from dreambooth_min.run.training import train
 from test_training import config
 

@@ -8,15 +8,13 @@ import pytest
 import torch
 
 from dreambooth_min import UserError, load
-from dreambooth_min.formats.checkpoint_names import UNET_PREFIX, VAE_PREFIX, infer_unet_config, infer_vae_config, rename
-from dreambooth_min.formats.text_weights import text_config_from_state_dict
-from dreambooth_min.formats.checkpoint_names import unet_rename_table, vae_rename_table
-from dreambooth_min.formats.checkpoint_sdxl import BIGG_PREFIX, CLIP_L_PREFIX
-from dreambooth_min.formats.text_weights import convert_open_clip_with_projection
-from dreambooth_min.formats.checkpoint_sdxl import single_file_family
-from dreambooth_min.formats.text_weights import text_encoder_2_config
 from dreambooth_min.conditioning import Cond, size_time_ids
+from dreambooth_min.formats.checkpoint_names import UNET_PREFIX, VAE_PREFIX, infer_unet_config, infer_vae_config, rename
+from dreambooth_min.formats.checkpoint_names import unet_rename_table, vae_rename_table
+from dreambooth_min.formats.checkpoint_sdxl import BIGG_PREFIX, CLIP_L_PREFIX, single_file_family
 from dreambooth_min.formats.safetensors_io import save_atomic
+from dreambooth_min.formats.text_weights import convert_open_clip_with_projection, text_config_from_state_dict
+from dreambooth_min.formats.text_weights import text_encoder_2_config
 from dreambooth_min.unet import UNet2DConditionModel, UNetConfig
 from dreambooth_min.vae import AutoencoderKL
 

@@ -4,8 +4,8 @@ random SDXL model (loss falls, resume is byte-identical, both text encoders lear
 import torch
 from PIL import Image
 
-from dreambooth_min.run.data import LatentCache, load_instance_images, original_size, photo_time_ids
 from dreambooth_min.dreambooth import assemble_batch
+from dreambooth_min.run.data import LatentCache, load_instance_images, original_size, photo_time_ids
 
 
 # ---------------------------------------------------------------------------------------------------

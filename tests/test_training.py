@@ -14,14 +14,13 @@ import torch
 from PIL import Image
 
 from dreambooth_min import UserError, load
+from dreambooth_min.dreambooth import dreambooth_loss
 from dreambooth_min.formats.lora_apply import apply_lora
 from dreambooth_min.formats.lora_file import load_lora
-from dreambooth_min.scheduler import add_noise, alphas_cumprod
 from dreambooth_min.run.config import TrainConfig
-from dreambooth_min.dreambooth import dreambooth_loss
-from dreambooth_min.scheduler import min_snr_weight, snr
 from dreambooth_min.run.state import lr_multiplier as lr_lambda
 from dreambooth_min.run.training import train
+from dreambooth_min.scheduler import add_noise, alphas_cumprod, min_snr_weight, snr
 
 ROOT = Path(__file__).resolve().parents[1]
 
