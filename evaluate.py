@@ -16,10 +16,20 @@ import json
 import sys
 from pathlib import Path
 
+import dreambooth_min
 from dreambooth_min.errors import UserError
-from dreambooth_min.safetensors_io import atomic_path
-from dreambooth_min.evaluation import (CLIP_MODEL, CLIP_T_MARGIN, DINO_MODEL, METRICS, check_run, evaluate_epoch,
-                                       evaluate_run, load_evaluators, read_images)
+from dreambooth_min.formats.lora_apply import apply_lora
+from dreambooth_min.formats.lora_file import load_lora
+from dreambooth_min.formats.png import parameters_text, save_png
+from dreambooth_min.formats.safetensors_io import atomic_path
+from dreambooth_min.run.cli import run_command
+from dreambooth_min.run.hardware import resolve_hardware
+from dreambooth_min.sampling import ETA, GUIDANCE, STEPS, check_size, generate
+from dreambooth_min.watch.eval_prompts import prompts_for
+from dreambooth_min.watch.evaluation import CLIP_T_MARGIN, METRICS
+from dreambooth_min.watch.evaluators import CLIP_MODEL, DINO_MODEL, evaluate_epoch, load_evaluators
+from dreambooth_min.watch.finished_run import check_run, evaluate_run
+from dreambooth_min.watch.preprocess import read_images
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,8 +57,8 @@ def parse_args(argv=None):
     g.add_argument("--class-prompt", default="a photo of {class_noun}",
                    help="prompt of the images for PRES; empty: no PRES (default: %(default)r)")
     g.add_argument("--num-prompts", type=int, default=25, help="use the first K prompts (default: all 25)")
-    g.add_argument("--steps", type=int, default=50, help="DDIM steps (default: %(default)s)")
-    g.add_argument("--guidance", type=float, default=7.5, help="(default: %(default)s)")
+    g.add_argument("--steps", type=int, default=STEPS, help="DDIM steps (default: %(default)s)")
+    g.add_argument("--guidance", type=float, default=GUIDANCE, help="(default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="image i of every prompt uses seed + i (default: %(default)s)")
     g.add_argument("--resolution", type=int, help="pixels (default: the model's)")
     g.add_argument("--out", help="where the images and metrics.json go (default: eval/ beside the LoRA, or ./eval)")
@@ -79,15 +89,13 @@ def check_args(args):
             raise UserError("--generate and --steps must be at least 1, --num-prompts between 1 and 25")
         if args.lora and not Path(args.lora).is_file():
             raise UserError(f"LoRA file {args.lora} does not exist")
-    if args.device and args.device.startswith("cuda"):
-        import torch
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda asked for, but CUDA is not available: use --device cpu")
+    args.hardware = resolve_hardware(args.device or "")  # fp16 for --generate on CUDA; the evaluators run in fp32
     return mode
 
 
 def _evaluators(args):
-    return load_evaluators(args.clip_model, args.dino_model, args.device, args.batch_size, not args.no_progress)
+    return load_evaluators(args.clip_model, args.dino_model, args.hardware.device, args.batch_size,
+                           not args.no_progress)
 
 
 def run_mode(args):
@@ -116,13 +124,6 @@ def folder_mode(args):
 
 
 def generate_mode(args):
-    import torch
-
-    import dreambooth_min
-    from dreambooth_min.eval_prompts import prompts_for
-    from dreambooth_min.lora_file import apply_lora, load_lora
-    from dreambooth_min.sampling import check_size, generate, parameters_text, save_png
-
     prompts = prompts_for(args.class_noun, args.token)[:args.num_prompts]
     class_prompt = args.class_prompt.format(class_noun=args.class_noun) if args.class_prompt else ""
     real = read_images(args.real, "--real")
@@ -130,9 +131,8 @@ def generate_mode(args):
         check_size(args.resolution, args.resolution)
     out = Path(args.out) if args.out else (Path(args.lora).parent / "eval" if args.lora else Path("eval"))
     evaluators = _evaluators(args)  # before the slow part: a missing evaluator fails now
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    sd = dreambooth_min.load(args.model or dreambooth_min.find_default_model(), dtype=dtype, device=device)
+    sd = dreambooth_min.load(args.model or dreambooth_min.find_default_model(), dtype=args.hardware.dtype,
+                             device=args.hardware.device)
     if args.lora:
         apply_lora(sd.unet, sd.text_encoder, load_lora(args.lora)[0], scale=args.lora_scale)
     res = args.resolution or sd.default_resolution
@@ -144,7 +144,7 @@ def generate_mode(args):
         folder = out / ("class" if i == len(prompts) else f"prompt_{i:02d}")
         for j, im in enumerate(images):
             save_png(im, folder / f"{j}.png", parameters_text(prompt, "", args.steps, args.guidance, args.seed + j,
-                                                              res, res, sd.name, 0.0, lora))
+                                                              res, res, sd.name, ETA, lora))
         drawn[prompt] = images
     del sd
     generated = [im for p in prompts for im in drawn[p]]
@@ -159,17 +159,13 @@ def generate_mode(args):
 
 
 def main(argv=None):
-    """Exit status: 0, or 2 after one `error: ...` line for bad input (no traceback)."""
-    args = parse_args(argv)
-    try:
+    """Exit status (run/cli.py EXIT_CODES): 0; 2 bad input, 3 out of memory, 4 disk full, each after one `error:`
+    line (no traceback); 130 Ctrl-C."""
+    def command():
+        args = parse_args(argv)
         {"run": run_mode, "folders": folder_mode, "generate": generate_mode}[check_args(args)](args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+        return 0
+    return run_command(command)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,17 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 import dreambooth_min
 from dreambooth_min.errors import UserError
-from dreambooth_min.lora_file import apply_lora, load_lora, lora_label, parse_lora_arg
-from dreambooth_min.safetensors_io import check_writable
-from dreambooth_min.pivotal import use_embedding
-from dreambooth_min.sampling import check_size, generate, image_grid, parameters_text, save_png
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from dreambooth_min.formats.lora_apply import apply_lora, lora_label, parse_lora_arg
+from dreambooth_min.formats.lora_file import load_lora
+from dreambooth_min.formats.png import image_grid, parameters_text, save_png
+from dreambooth_min.formats.safetensors_io import check_writable
+from dreambooth_min.run.cli import run_command
+from dreambooth_min.run.hardware import DTYPES, resolve_hardware
+from dreambooth_min.run.pivotal import use_embedding
+from dreambooth_min.sampling import BATCH_SIZE, ETA, GUIDANCE, STEPS, check_size, generate
+from dreambooth_min.scheduler import PREDICTION_TYPES
 
 
 def parse_args(argv=None):
@@ -35,14 +36,15 @@ def parse_args(argv=None):
                                                           "empty one is zero embeddings, as diffusers)")
     p.add_argument("--out", default="out.png", help="output PNG (default: out.png)")
     p.add_argument("--num-images", type=int, default=1, help="images to make, seeds seed, seed+1, ... (default: 1)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
-    p.add_argument("--guidance", type=float, default=7.5,
-                   help="classifier-free guidance scale; <= 1 turns it off (default: 7.5)")
+    p.add_argument("--steps", type=int, default=STEPS, help="DDIM steps (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=GUIDANCE,
+                   help="classifier-free guidance scale; <= 1 turns it off (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default: 0)")
     p.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: 1024 for SDXL, 768 for SD 2.x "
                                                "v-models, else 512)")
     p.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: as --height's default)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like noise (default: 0)")
+    p.add_argument("--eta", type=float, default=ETA,
+                   help="DDIM eta: 0 deterministic, 1 DDPM-like noise (default: %(default)s)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="a LoRA .safetensors file (kohya LoRA / LoCon, or diffusers / peft; SD 1.x / 2.x or SDXL, "
                         "matching --model) and its strength, e.g. "
@@ -51,12 +53,12 @@ def parse_args(argv=None):
     p.add_argument("--embedding", action="append", default=[], metavar="FILE",
                    help="a textual-inversion embedding from train.py --pivotal (embedding.safetensors): its new tokens, "
                         "e.g. <s0><s1>, can then be written in --prompt; repeatable")
-    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES,
                    help="override what the UNet predicts (SD 2.x single files: a <name>.yaml beside the file, "
                         "else the name decides: '512' or 'base' = epsilon, otherwise v)")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="weights' precision (default: fp16 on CUDA, fp32 on CPU)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per UNet batch (default: 4)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per UNet batch (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -78,18 +80,15 @@ def run(args):
         raise UserError("--num-images, --batch-size and --steps must be at least 1")
     if args.eta < 0:
         raise UserError(f"--eta must be >= 0, not {args.eta}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but CUDA is not available: use --device cpu")
-    dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
+    hardware = resolve_hardware(args.device or "", args.dtype or "")
 
     loras = [parse_lora_arg(text, args.lora_scale) for text in args.lora]  # missing files: fail before loading
     for path in args.embedding:
         if not Path(path).is_file():
             raise UserError(f"embedding file {path} does not exist")
     model_path = args.model or dreambooth_min.find_default_model()
-    sd = dreambooth_min.load(model_path, dtype=dtype, device=device, prediction_type=args.prediction_type,
-                             revision=args.revision)
+    sd = dreambooth_min.load(model_path, dtype=hardware.dtype, device=hardware.device,
+                             prediction_type=args.prediction_type, revision=args.revision)
     if sd.random_note:
         print(f"warning: {model_path} is {sd.random_note}", file=sys.stderr)
     for path, scale in loras:  # merged one after another: W + sum_i scale_i (alpha_i / r_i) B_i A_i
@@ -118,16 +117,12 @@ def run(args):
 
 
 def main(argv=None):
-    """Exit status: 0, or 2 after one `error: ...` line for bad input (no traceback)."""
-    try:
+    """Exit status (run/cli.py EXIT_CODES): 0; 2 bad input, 3 out of memory, 4 disk full, each after one `error:`
+    line (no traceback); 130 Ctrl-C (images already saved stay whole: they are written atomically)."""
+    def command():
         run(parse_args(argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # images already saved stay whole (written atomically)
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+        return 0
+    return run_command(command)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ import argparse
 import signal
 import sys
 
-from dreambooth_min.cli import add_options, run_command, settings_from_args
-from dreambooth_min.config import TrainConfig, config_from_json
-from dreambooth_min.run_folder import RunFolder
-from dreambooth_min.training import train
+from dreambooth_min.run.cli import add_options, run_command, settings_from_args
+from dreambooth_min.run.config import TrainConfig, config_from_json
+from dreambooth_min.run.run_folder import RunFolder
+from dreambooth_min.run.training import train
 
 
 def parse_args(argv=None):
@@ -34,8 +34,8 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def run(args):
+    """Train, or continue the run --resume names; 130 when interrupted (its checkpoint saved), else 0."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop saves like Ctrl-C
     if args.resume:
         cfg = config_from_json(RunFolder.config_file(args.resume))
@@ -47,5 +47,11 @@ def main(argv=None):
     return 130 if result["interrupted"] else 0
 
 
+def main(argv=None):
+    """Exit status (run/cli.py EXIT_CODES): 0; 2 bad input, 3 out of memory, 4 disk full, each after one `error:`
+    line (no traceback); 130 Ctrl-C or SIGTERM, after saving a checkpoint."""
+    return run_command(lambda: run(parse_args(argv)))
+
+
 if __name__ == "__main__":
-    sys.exit(run_command(main))
+    sys.exit(main())

@@ -202,7 +202,7 @@ def run_load(_tool, a):
     """Write a random fp16 SD 1.5 single file (LDM layout) once, then time and measure `load`."""
     import os
 
-    from dreambooth_min.checkpoint import load
+    from dreambooth_min.formats.checkpoint import load
 
     path = a.file
     if not os.path.exists(path):
@@ -222,8 +222,8 @@ def make_sd15_file(path):
     """Seeded random weights with the real SD 1.5 single-file names and shapes, fp16 (as the released file)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from dreambooth_min.checkpoint import unet_rename_table, unrename, vae_rename_table
-    from dreambooth_min.safetensors_io import save_atomic
+    from dreambooth_min.formats.checkpoint_names import unet_rename_table, unrename, vae_rename_table
+    from dreambooth_min.formats.safetensors_io import save_atomic
     from dreambooth_min.unet import UNet2DConditionModel, UNetConfig
     from dreambooth_min.vae import AutoencoderKL, VAEConfig
 

@@ -210,7 +210,7 @@ def make_model_folder(path, smoke):
 
 def copy_photos(src, dst):
     """The image files of `src` alone: diffusers' dataset opens every file of its folder as an image."""
-    from dreambooth_min.data import find_images
+    from dreambooth_min.formats.images import find_images
 
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from benchmarks.cpu import PeakRSS, ours_from, release_free_memory
 from dreambooth_min import layers
 from dreambooth_min.lora import UNET_TARGETS, inject_lora, lora_parameters
-from dreambooth_min.optim import make_optimizer
+from dreambooth_min.run.optim import make_optimizer
 from dreambooth_min.unet import UNet2DConditionModel, UNetConfig
 
 # (label, precision, attention, gradient checkpointing, optimizer)
@@ -232,7 +232,7 @@ def make_batch(cfg, pixels, device, seed=0):
     ctx = torch.randn(2, 77, cfg.cross_attention_dim, generator=g).to(device)
     if is_sdxl(cfg):
         from dreambooth_min.conditioning import Cond
-        from dreambooth_min.data import photo_time_ids
+        from dreambooth_min.run.data import photo_time_ids
 
         pooled = torch.randn(2, cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim,
                              generator=g)

@@ -84,8 +84,8 @@ def text_parity(args, results):
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from dreambooth_min.checkpoint import _load_text
-    from dreambooth_min.checkpoint_sdxl import convert_open_clip_with_projection, text_encoder_2_config
+    from dreambooth_min.formats.text_weights import load_text
+    from dreambooth_min.formats.text_weights import convert_open_clip_with_projection, text_encoder_2_config
     from dreambooth_min.text import encode_prompt_sdxl, load_tokenizer
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from tiny_sdxl import to_open_clip  # the tests' writer of the single-file (OpenCLIP) layout
@@ -100,7 +100,7 @@ def text_parity(args, results):
                                      tokenizer_2=tokenizers[1], unet=None, scheduler=DDIMScheduler())
     context, _, pooled, _ = pipe.encode_prompt(PROMPTS, device=args.device, do_classifier_free_guidance=False)
     bigg = convert_open_clip_with_projection(to_open_clip(te2.state_dict()))
-    ours_te2 = _load_text(bigg, "sd2", torch.float32, args.device, text_encoder_2_config(bigg),
+    ours_te2 = load_text(bigg, "sd2", torch.float32, args.device, text_encoder_2_config(bigg),
                           cls=CLIPTextModelWithProjection)
     got_context, got_pooled = encode_prompt_sdxl(tokenizers, (te1, ours_te2), PROMPTS)
     report("text context", got_context, context, results)

@@ -9,7 +9,7 @@ __all__ = ["load", "find_default_model", "StableDiffusion", "UserError"]
 
 def __getattr__(name):
     if name in ("load", "find_default_model"):
-        from . import checkpoint
+        from .formats import checkpoint
         return getattr(checkpoint, name)
     if name == "StableDiffusion":
         from .model import StableDiffusion

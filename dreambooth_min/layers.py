@@ -1,7 +1,7 @@
 """Building blocks shared by the UNet and the VAE: attention and the ResNet block.
 
 Names follow diffusers (`norm1`, `conv1`, `time_emb_proj`, `conv_shortcut`, ...) so that a diffusers
-state dict loads without renaming; the LDM single-file names are mapped in `checkpoint.py`.
+state dict loads without renaming; the LDM single-file names are mapped in `formats/checkpoint_names.py`.
 """
 import torch
 import torch.nn as nn

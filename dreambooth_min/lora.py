@@ -9,7 +9,7 @@ to one k x k convolution, so the merged weight is W + (alpha / r) * up[:, :, 0, 
 reshaped to [out, in, k, k]. We select layers by the suffix of their module path ("to_q",
 "to_out.0", "proj_in") and always say how many were wrapped: choosing by class name silently wraps
 nothing when a model's classes differ.
-The file format (kohya names, save, load, apply) is in lora_file.py.
+The file format is in formats/: kohya names in lora_names.py, save and load in lora_file.py, apply in lora_apply.py.
 """
 import math
 import torch

@@ -1,29 +1,34 @@
-"""Text-to-image sampling: classifier-free guidance around a UNet, the DDIM loop, VAE decoding, PNG files.
+"""Text-to-image sampling: classifier-free guidance around a UNet, the DDIM loop, VAE decoding.
 
 Seeds are portable: image i of a call with seed s starts from
     x_T = torch.randn((1, C, H/8, W/8), generator=torch.Generator("cpu").manual_seed(s + i))  (float32)
 which is what diffusers' StableDiffusionPipeline draws for generator=[torch.Generator().manual_seed(s + i), ...]
 (DDIM's initial noise sigma is 1), so on the CPU in fp32 both tools make the same image.
 """
-import math
 import warnings
-from pathlib import Path
 
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .conditioning import Cond
 from .errors import UserError
-from .safetensors_io import atomic_path
-from .scheduler import TIMESTEP_SPACINGS, ddim_step, ddim_timesteps
+from .scheduler import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, TIMESTEP_SPACINGS, ddim_step, ddim_timesteps
+
+# The sampling defaults of every command and of the validation and class images: the CFG scale (7.5, as
+# diffusers' and A1111's), the DDIM steps, DDIM's eta (0: the deterministic sampler) and the images per UNet
+# batch (the images do not depend on it).
+GUIDANCE = 7.5
+STEPS = 50
+ETA = 0.0
+BATCH_SIZE = 4
 
 # What a diffusers folder's scheduler/scheduler_config.json may say about DDIM, and the released SD
 # configs' values used for single files and for keys a folder leaves out.
 DDIM_DEFAULTS = dict(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False, clip_sample=False)
 # Settings a config may hold that our fixed schedule does not follow: warn rather than silently differ.
-SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                   trained_betas=None, thresholding=False, rescale_betas_zero_snr=False)
+SD_SCHEDULE = dict(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=BETA_START, beta_end=BETA_END,
+                   beta_schedule="scaled_linear", trained_betas=None, thresholding=False, rescale_betas_zero_snr=False)
 
 
 def ddim_options(scheduler_config):
@@ -57,7 +62,7 @@ def _gaussian(generators, shape, like):
     return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]).to(like.device)
 
 
-def ddim_sampler(prediction_type="epsilon", eta=0.0, generators=None, set_alpha_to_one=False, clip_sample=False):
+def ddim_sampler(prediction_type="epsilon", eta=ETA, generators=None, set_alpha_to_one=False, clip_sample=False):
     """DDIM (eq. 12) as a sampler step (x_t, model output, t, t_prev) -> x_{t_prev}.
 
     With eta > 0 the step's noise z comes from `generators` (one per image, continuing after x_T, as diffusers).
@@ -69,7 +74,7 @@ def ddim_sampler(prediction_type="epsilon", eta=0.0, generators=None, set_alpha_
 
 
 @torch.no_grad()
-def sample(unet, x_T, cond, timesteps, sampler_step, guidance=7.5, progress=True):
+def sample(unet, x_T, cond, timesteps, sampler_step, guidance=GUIDANCE, progress=True):
     """Run any sampler from x_T [B, C, h, w] through `timesteps` (largest first) down to x_0, guiding the
     UNet with `cond` (2B or B rows: a Cond, or a text context [2B or B, 77, D]). The UNet runs in its own
     dtype (fp16 on CUDA); the sampler's arithmetic stays in float32. `progress`: a progress bar, or the
@@ -84,7 +89,7 @@ def sample(unet, x_T, cond, timesteps, sampler_step, guidance=7.5, progress=True
     return x
 
 
-def ddim_sample(unet, x_T, cond, steps=50, guidance=7.5, eta=0.0, prediction_type="epsilon",
+def ddim_sample(unet, x_T, cond, steps=STEPS, guidance=GUIDANCE, eta=ETA, prediction_type="epsilon",
                 generators=None, progress=True, timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False,
                 clip_sample=False):
     """DDIM with classifier-free guidance from x_T to x_0 (float32): `sample` with the DDIM step."""
@@ -113,8 +118,8 @@ def check_size(height, width, factor=8):
 
 
 @torch.no_grad()
-def generate(sd, prompt, negative_prompt="", num_images=1, steps=50, guidance=7.5, seed=0, height=None, width=None,
-             eta=0.0, progress=True, batch_size=4):
+def generate(sd, prompt, negative_prompt="", num_images=1, steps=STEPS, guidance=GUIDANCE, seed=0, height=None,
+             width=None, eta=ETA, progress=True, batch_size=BATCH_SIZE):
     """Images (PIL) for `prompt`, image i from seed `seed + i`. Sizes default to the model's training size.
 
     Images are made `batch_size` at a time; each has its own generator, so batching does not change them.
@@ -141,38 +146,3 @@ def generate(sd, prompt, negative_prompt="", num_images=1, steps=50, guidance=7.
         x_0 = ddim_sample(sd.unet, x_T, rows, steps, guidance, eta, sd.prediction_type, generators, progress, **opts)
         images += [Image.fromarray(a.numpy()) for a in decode(sd, x_0)]
     return images
-
-
-# ---------------------------------------------------------------------------------------------------
-# Files
-
-def parameters_text(prompt, negative_prompt, steps, guidance, seed, width, height, model, eta, lora=None):
-    """The settings in A1111's "parameters" format, so an image says how to make it again."""
-    lines = [prompt] + ([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])
-    settings = f"Steps: {steps}, Sampler: DDIM, CFG scale: {guidance}, Seed: {seed}, Size: {width}x{height}, " \
-               f"Model: {model}, Eta: {eta}"
-    if lora:
-        settings += f", LoRA: {lora}"
-    return "\n".join(lines + [settings])
-
-
-def save_png(image, path, parameters=None):
-    """Write `image` as a PNG with a "parameters" text chunk, atomically (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    info = PngImagePlugin.PngInfo()
-    if parameters:
-        info.add_text("parameters", parameters)  # becomes an iTXt chunk when the text is not Latin-1
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
-
-
-def image_grid(images):
-    """The images tiled row by row in a near-square grid."""
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid

@@ -1,4 +1,4 @@
-"""Stable Diffusion's noise schedule, the three ways a UNet can parameterise its output, and DDIM.
+"""Stable Diffusion's noise schedule, the two ways a UNet can parameterise its output, and DDIM.
 
 Notation: a_t is DDPM's alpha-bar, the cumulative product of (1 - beta_s) for s <= t, so that
 q(x_t | x_0) = N(sqrt(a_t) x_0, (1 - a_t) I). The UNet predicts either the noise eps ("epsilon", SD 1.x,
@@ -13,7 +13,6 @@ import torch
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 0.00085, 0.012  # the LDM configs' linear_start / linear_end
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -108,6 +107,7 @@ class Velocity:
 
 
 PREDICTIONS = {"epsilon": Epsilon, "v_prediction": Velocity}
+PREDICTION_TYPES = tuple(PREDICTIONS)  # the names a config, a file or a flag may give
 
 
 def prediction(prediction_type):

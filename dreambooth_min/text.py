@@ -2,8 +2,8 @@
 
 SD 1.x conditions on OpenAI CLIP ViT-L/14's last layer (after the final LayerNorm); its single files
 already use transformers' names. SD 2.x conditions on OpenCLIP ViT-H/14's *penultimate* layer followed by
-the final LayerNorm (LDM `FrozenOpenCLIPEmbedder(layer="penultimate")`); `checkpoint.convert_open_clip` turns those
-weights into an equivalent CLIPTextModel with one layer fewer (checkpoint.py, with the rest of loading).
+the final LayerNorm (LDM `FrozenOpenCLIPEmbedder(layer="penultimate")`); `convert_open_clip` in
+formats/text_weights.py turns those weights into an equivalent CLIPTextModel with one layer fewer.
 SDXL has both kinds at once (`encode_prompt_sdxl`). All use the same 49408-token BPE.
 """
 import html

@@ -9,7 +9,7 @@ levels, each of their res blocks eating one skip connection. Levels marked in `a
 spatial transformer (self-attention, cross-attention to c, GEGLU MLP) after every res block.
 
 Module names equal diffusers' `UNet2DConditionModel` (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`)
-so a diffusers state dict loads with `load_state_dict(strict=True)`; `checkpoint.py` maps the LDM names.
+so a diffusers state dict loads with `load_state_dict(strict=True)`; `formats/checkpoint_names.py` maps the LDM names.
 """
 import math
 from dataclasses import dataclass

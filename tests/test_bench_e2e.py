@@ -58,7 +58,7 @@ def test_torchvision_standin_transforms(standin):
 
 
 def test_class_images_named_as_ours_draws_them(tmp_path):
-    from dreambooth_min.prior import class_image_paths, damaged
+    from dreambooth_min.run.prior import class_image_paths, damaged
 
     e2e.make_class_images(tmp_path, 3, 16)
     assert sorted(tmp_path.iterdir()) == class_image_paths(tmp_path, 3)

@@ -7,7 +7,8 @@ import torch
 
 import dreambooth_min
 from dreambooth_min import UserError, find_default_model, load
-from dreambooth_min.checkpoint import infer_unet_config, rename, unet_rename_table, unrename, vae_rename_table
+from dreambooth_min.formats.checkpoint_names import infer_unet_config, rename, unet_rename_table, unrename
+from dreambooth_min.formats.checkpoint_names import vae_rename_table
 from dreambooth_min.unet import UNetConfig
 from dreambooth_min.vae import VAEConfig
 from conditioning import assert_well_conditioned
@@ -243,7 +244,7 @@ def test_package_does_not_import_diffusers():
     import subprocess
     import sys
 
-    code = ("import sys, dreambooth_min; dreambooth_min.load; import dreambooth_min.checkpoint, dreambooth_min.sampling;"
+    code = ("import sys, dreambooth_min; dreambooth_min.load; import dreambooth_min.formats.checkpoint, dreambooth_min.sampling;"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('diffusers', 'peft', 'accelerate')]; print(bad); sys.exit(bool(bad))")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
@@ -258,8 +259,8 @@ DATA = __import__("pathlib").Path(__file__).parent / "data"
 
 @pytest.mark.parametrize("name,version", [("sd15", "sd1"), ("sd21", "sd2")])
 def test_real_layout_maps_onto_our_modules(name, version):
-    from dreambooth_min.checkpoint import UNET_PREFIX, VAE_PREFIX, infer_vae_config
-    from dreambooth_min.checkpoint import convert_open_clip, match_text_prefix, text_config_from_state_dict
+    from dreambooth_min.formats.checkpoint_names import UNET_PREFIX, VAE_PREFIX, infer_vae_config
+    from dreambooth_min.formats.text_weights import convert_open_clip, match_text_prefix, text_config_from_state_dict
     from dreambooth_min.unet import UNet2DConditionModel
     from dreambooth_min.vae import AutoencoderKL
     from transformers import CLIPTextModel
@@ -303,7 +304,7 @@ def test_header_length_starting_with_0x80_is_not_a_pickle(tmp_path):
     """1 in 256 safetensors files start with byte 0x80 (their header length), as a pickle does."""
     from safetensors.torch import save_file
 
-    from dreambooth_min.safetensors_io import SafetensorsFile
+    from dreambooth_min.formats.safetensors_io import SafetensorsFile
 
     path = tmp_path / "x.safetensors"
     for pad in range(600):
@@ -346,7 +347,8 @@ def test_a_pickle_in_weights_gets_the_conversion_hint(tmp_path):
 
 
 def test_a_model_passed_as_lora_is_named_as_such(tiny_sd1):
-    from dreambooth_min.lora_file import apply_lora, load_lora
+    from dreambooth_min.formats.lora_apply import apply_lora
+    from dreambooth_min.formats.lora_file import load_lora
 
     sd = load(tiny_sd1["single"])
     with pytest.raises(UserError, match="not a LoRA"):

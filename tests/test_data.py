@@ -5,9 +5,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from dreambooth_min.data import (LatentCache, encode_latents, find_images, load_image, load_instance_images,
-                                 to_rgb)
 from dreambooth_min.errors import UserError
+from dreambooth_min.formats.images import find_images, to_rgb
+from dreambooth_min.run.data import LatentCache, encode_latents, load_image, load_instance_images
 
 torch.set_num_threads(1)
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_min import distributed as dist
 from dreambooth_min.dreambooth import Batch, dreambooth_loss
-from dreambooth_min.lora_file import load_lora
+from dreambooth_min.formats.lora_file import load_lora
+from dreambooth_min.run import distributed as dist
 from test_training import synthetic_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,8 +188,8 @@ def _worker_of_rank(torchrun_pid, rank):
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds torchrun's workers in /proc")
 def test_sigterm_to_one_process_saves_one_checkpoint_and_resume_continues_exactly(tiny_sd1, tmp_path):
-    from dreambooth_min.config import TrainConfig
-    from dreambooth_min.training import train
+    from dreambooth_min.run.config import TrainConfig
+    from dreambooth_min.run.training import train
 
     steps, run = 12, tmp_path / "runs" / "two"  # the signal lands at step 3 or so
     args = common_args(tmp_path, tiny_sd1["single"], steps)

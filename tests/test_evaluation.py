@@ -3,6 +3,7 @@ transformers' own CLIP / ViT on tiny random models saved with save_pretrained, t
 fake run folder, the CLI."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,13 +11,14 @@ import torch
 from PIL import Image
 
 import evaluate
-from dreambooth_min import evaluation as ev
+import dreambooth_min
 from dreambooth_min.errors import UserError
-from dreambooth_min.eval_prompts import LIVE_PROMPTS, OBJECT_PROMPTS, is_live, prompts_for
+from dreambooth_min.watch import evaluation as ev, evaluators, finished_run, preprocess as pre
+from dreambooth_min.watch.eval_prompts import LIVE_PROMPTS, OBJECT_PROMPTS, is_live, prompts_for
 
 from conditioning import assert_well_conditioned
 
-TOKENIZER_DIR = ev.Path(ev.__file__).parent / "tokenizer"
+TOKENIZER_DIR = Path(dreambooth_min.__file__).parent / "tokenizer"
 CLIP_PRE = {"size": {"shortest_edge": 40}, "crop_size": {"height": 32, "width": 32},
             "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3]}
 
@@ -43,7 +45,7 @@ def models(tmp_path_factory):
     (root / "clip" / "preprocessor_config.json").write_text(json.dumps(CLIP_PRE))
     vit = ViTModel(ViTConfig(**layers, image_size=32, patch_size=8), add_pooling_layer=False).eval()
     vit.save_pretrained(root / "dino")
-    loaded = ev.load_evaluators(str(root / "clip"), str(root / "dino"), "cpu", batch_size=2, progress=False)
+    loaded = evaluators.load_evaluators(str(root / "clip"), str(root / "dino"), "cpu", batch_size=2, progress=False)
     return dict(clip=clip, vit=vit, clip_dir=root / "clip", dino_dir=root / "dino", ev=loaded)
 
 
@@ -104,22 +106,22 @@ def test_best_epoch_rule_on_hand_made_table(tmp_path):
     # the nearest saved LoRA: checkpoints and the final file (at the last logged step); ties go earlier
     for s in (250, 750):
         (tmp_path / "checkpoints" / f"step_{s:06d}").mkdir(parents=True)
-    assert ev.nearest_checkpoint(tmp_path, 500) == (tmp_path / "checkpoints" / "step_000250", 250)
-    assert ev.nearest_checkpoint(tmp_path, 600)[1] == 750
+    assert finished_run.nearest_checkpoint(tmp_path, 500) == (tmp_path / "checkpoints" / "step_000250", 250)
+    assert finished_run.nearest_checkpoint(tmp_path, 600)[1] == 750
     (tmp_path / "lora.safetensors").write_bytes(b"x")
     (tmp_path / "log.jsonl").write_text("".join(json.dumps({"step": s, "epoch": s / 5, "loss": 0.1}) + "\n"
                                                 for s in range(1, 1001)))
-    assert ev.nearest_checkpoint(tmp_path, 950) == (tmp_path / "lora.safetensors", 1000)
-    assert ev.nearest_checkpoint(tmp_path / "none", 0) is None
+    assert finished_run.nearest_checkpoint(tmp_path, 950) == (tmp_path / "lora.safetensors", 1000)
+    assert finished_run.nearest_checkpoint(tmp_path / "none", 0) is None
 
 
 def test_preprocess_resize_crop_normalise():
-    spec = ev.image_spec(CLIP_PRE, 32, ev.CLIP_MEAN, ev.CLIP_STD)
-    assert spec == ev.ImageSpec(40, 32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
-    assert ev.image_spec(None, 224, ev.IMAGENET_MEAN, ev.IMAGENET_STD) == \
-        ev.ImageSpec(224, 224, ev.IMAGENET_MEAN, ev.IMAGENET_STD)
+    spec = pre.image_spec(CLIP_PRE, 32, evaluators.CLIP_MEAN, evaluators.CLIP_STD)
+    assert spec == pre.ImageSpec(40, 32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    assert pre.image_spec(None, 224, evaluators.IMAGENET_MEAN, evaluators.IMAGENET_STD) == \
+        pre.ImageSpec(224, 224, evaluators.IMAGENET_MEAN, evaluators.IMAGENET_STD)
     # a flat colour stays flat: (c / 255 - mean) / std exactly, whatever the resampling
-    x = ev.preprocess([Image.new("RGB", (80, 50), (255, 51, 102))], spec)
+    x = pre.preprocess([Image.new("RGB", (80, 50), (255, 51, 102))], spec)
     assert x.shape == (1, 3, 32, 32) and x.dtype == torch.float32
     want = (torch.tensor([1.0, 0.2, 0.4]) - torch.tensor(spec.mean)) / torch.tensor(spec.std)
     assert torch.allclose(x[0].mean(dim=(1, 2)), want, atol=1e-5) and x.std(dim=(2, 3)).max() < 1e-5
@@ -127,7 +129,7 @@ def test_preprocess_resize_crop_normalise():
     # and columns 44..75, exactly the white box; one pixel off and a black row or column comes in
     arr = np.zeros((40, 120, 3), dtype=np.uint8)
     arr[4:36, 44:76] = 255
-    y = ev.preprocess([Image.fromarray(arr)], spec)[0] * torch.tensor(spec.std).view(3, 1, 1) + \
+    y = pre.preprocess([Image.fromarray(arr)], spec)[0] * torch.tensor(spec.std).view(3, 1, 1) + \
         torch.tensor(spec.mean).view(3, 1, 1)
     assert torch.allclose(y, torch.ones(3, 32, 32), atol=1e-5)
 
@@ -137,9 +139,9 @@ def test_preprocess_resize_crop_normalise():
 
 def test_embeddings_match_transformers(models):
     e, imgs = models["ev"], _images(3)
-    assert e.clip_spec == ev.ImageSpec(40, 32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
-    assert e.dino_spec == ev.ImageSpec(32, 32, ev.IMAGENET_MEAN, ev.IMAGENET_STD)  # no preprocessor config
-    px_clip, px_dino = ev.preprocess(imgs, e.clip_spec), ev.preprocess(imgs, e.dino_spec)
+    assert e.clip_spec == pre.ImageSpec(40, 32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    assert e.dino_spec == pre.ImageSpec(32, 32, evaluators.IMAGENET_MEAN, evaluators.IMAGENET_STD)  # no preprocessor config
+    px_clip, px_dino = pre.preprocess(imgs, e.clip_spec), pre.preprocess(imgs, e.dino_spec)
 
     def reference():
         feats = models["clip"].get_image_features(pixel_values=px_clip)
@@ -150,8 +152,8 @@ def test_embeddings_match_transformers(models):
     assert_well_conditioned("tiny CLIP and ViT image embeddings", reference, [models["clip"], models["vit"]], 1e-4)
     with torch.no_grad():
         feats, cls = reference()
-    assert (ev.clip_image_embeddings(e, imgs) - feats).abs().max() <= 1e-4
-    assert (ev.dino_embeddings(e, imgs) - cls).abs().max() <= 1e-4  # batch_size 2: batches of 2 and 1
+    assert (evaluators.clip_image_embeddings(e, imgs) - feats).abs().max() <= 1e-4
+    assert (evaluators.dino_embeddings(e, imgs) - cls).abs().max() <= 1e-4  # batch_size 2: batches of 2 and 1
 
 
 def test_clip_t_is_the_cosine_of_text_and_image_projections(models):
@@ -163,22 +165,22 @@ def test_clip_t_is_the_cosine_of_text_and_image_projections(models):
     with torch.no_grad():
         text = models["clip"].get_text_features(**ids)
         text = getattr(text, "pooler_output", text)[0].double().numpy()
-        image = models["clip"].get_image_features(pixel_values=ev.preprocess(imgs, e.clip_spec))
+        image = models["clip"].get_image_features(pixel_values=pre.preprocess(imgs, e.clip_spec))
         image = getattr(image, "pooler_output", image).double().numpy()
-    scores = ev.evaluate_epoch(e, imgs, imgs, prompt)
+    scores = evaluators.evaluate_epoch(e, imgs, imgs, prompt)
     assert scores["clip_t"] == pytest.approx(np.mean([_cos(text, v) for v in image]), abs=1e-5)
 
 
 def test_identical_sets_score_one(models, tmp_path):
     e, imgs = models["ev"], _images(3, seed=5)
-    one = ev.evaluate_epoch(e, imgs[:1], imgs[:1], "a photo of sks dog")
+    one = evaluators.evaluate_epoch(e, imgs[:1], imgs[:1], "a photo of sks dog")
     assert one["dino"] == pytest.approx(1.0, abs=1e-5) and one["clip_i"] == pytest.approx(1.0, abs=1e-5)
-    copies = ev.evaluate_epoch(e, [imgs[0]] * 3, [imgs[0]] * 2, "x")
+    copies = evaluators.evaluate_epoch(e, [imgs[0]] * 3, [imgs[0]] * 2, "x")
     assert copies["dino"] == pytest.approx(1.0, abs=1e-5) and copies["clip_i"] == pytest.approx(1.0, abs=1e-5)
     assert copies["div"] == pytest.approx(0.0, abs=1e-5)
     # distinct photos against themselves: the paper's all-pairs mean, below 1; the nearest-photo score is 1
-    same = ev.evaluate_epoch(e, imgs, imgs, "x")
-    d = ev.dino_embeddings(e, imgs)
+    same = evaluators.evaluate_epoch(e, imgs, imgs, "x")
+    d = evaluators.dino_embeddings(e, imgs)
     assert same["dino"] == pytest.approx((1 + 2 * ev.mean_cosine_within(d)) / 3, abs=1e-5) and same["dino"] < 1
     assert same["dino_nn"] == pytest.approx(1.0, abs=1e-5)
     # and through the folder CLI, with the files on disk
@@ -191,11 +193,11 @@ def test_identical_sets_score_one(models, tmp_path):
 def test_pres_and_div_by_prompt(models):
     e = models["ev"]
     real, gen, cls = _images(2, seed=7), _images(4, seed=8), _images(2, seed=9)
-    s = ev.evaluate_epoch(e, real, gen, ["p1", "p1", "p2", "p2"], class_images=cls)
-    dr, dg, dc = ev.dino_embeddings(e, real), ev.dino_embeddings(e, gen), ev.dino_embeddings(e, cls)
+    s = evaluators.evaluate_epoch(e, real, gen, ["p1", "p1", "p2", "p2"], class_images=cls)
+    dr, dg, dc = evaluators.dino_embeddings(e, real), evaluators.dino_embeddings(e, gen), evaluators.dino_embeddings(e, cls)
     assert s["pres"] == pytest.approx(ev.mean_pairwise_cosine(dc, dr), abs=1e-6)
     assert s["div"] == pytest.approx((ev.div_score(dg[:2]) + ev.div_score(dg[2:])) / 2, abs=1e-6)
-    single = ev.evaluate_epoch(e, real, gen[:1], "p")
+    single = evaluators.evaluate_epoch(e, real, gen[:1], "p")
     assert "div" not in single and "pres" not in single
 
 
@@ -245,9 +247,9 @@ def test_run_folder_mode(models, tmp_path, capsys):
         assert all(-1 <= r[k] <= 1 for k in ("dino", "clip_i", "clip_t", "pres", "dino_nn")) and 0 <= r["div"] <= 2
     # the numbers are those of the library on the same images
     e = models["ev"]
-    real = ev.read_images(tmp_path / "photos")
-    gen = ev.read_images(run / "samples" / "epoch_0002")
-    want = ev.evaluate_epoch(e, real, [gen[0], gen[1]], "a photo of sks dog in the snow", [gen[2], gen[3]])
+    real = pre.read_images(tmp_path / "photos")
+    gen = pre.read_images(run / "samples" / "epoch_0002")
+    want = evaluators.evaluate_epoch(e, real, [gen[0], gen[1]], "a photo of sks dog in the snow", [gen[2], gen[3]])
     assert records[1]["dino"] == pytest.approx(want["dino"], abs=1e-5)  # by name: 0, 1, class_0, class_1
     assert records[1]["pres"] == pytest.approx(want["pres"], abs=1e-5)
     best = ev.best_epoch(records)
@@ -259,8 +261,8 @@ def test_run_folder_mode(models, tmp_path, capsys):
 
 def test_run_without_class_images_has_no_pres(models, tmp_path):
     run = _fake_run(tmp_path, epochs=(1,), with_class=False)
-    e = ev.load_evaluators(str(models["clip_dir"]), str(models["dino_dir"]), "cpu", progress=False)
-    records, best, ckpt = ev.evaluate_run(run, e)
+    e = evaluators.load_evaluators(str(models["clip_dir"]), str(models["dino_dir"]), "cpu", progress=False)
+    records, best, ckpt = finished_run.evaluate_run(run, e)
     assert len(records) == 1 and "pres" not in records[0] and best["epoch"] == 1
     assert ckpt == (run / "checkpoints" / "step_000006", 6)
 
@@ -274,6 +276,7 @@ def test_run_without_class_images_has_no_pres(models, tmp_path):
     (["--generate", "0", "--real", "r", "--class-noun", "dog"], "at least 1"),
     (["--generate", "2", "--real", "r"], "--class-noun"),
     (["--batch-size", "x"], "invalid int"),
+    (["--generated", "g", "--real", "r", "--prompt", "p", "--device", "gpu0"], "--device must be cuda, cuda:N or cpu"),
 ])
 def test_cli_bad_input_one_error_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -291,17 +294,17 @@ def test_bad_run_folders_and_models(models, tmp_path):
     run = _fake_run(tmp_path)
     (run / "config.json").write_text("{}")
     with pytest.raises(UserError, match="not a train.py run config"):
-        ev.evaluate_run(run, e)
+        finished_run.evaluate_run(run, e)
     run = _fake_run(tmp_path / "b")
     for d in (run / "samples").iterdir():
         for f in d.iterdir():
             f.unlink()
     with pytest.raises(UserError, match="--validate-every"):
-        ev.evaluate_run(run, e)
+        finished_run.evaluate_run(run, e)
     with pytest.raises(UserError, match="--clip-model .*not a CLIP model"):
-        ev.load_evaluators(str(models["dino_dir"]), str(models["dino_dir"]), "cpu")
+        evaluators.load_evaluators(str(models["dino_dir"]), str(models["dino_dir"]), "cpu")
     with pytest.raises(UserError, match="--dino-model .*cannot load the DINO model") as info:
-        ev.load_evaluators(str(models["clip_dir"]), str(tmp_path / "missing" / "model"), "cpu")
+        evaluators.load_evaluators(str(models["clip_dir"]), str(tmp_path / "missing" / "model"), "cpu")
     assert "\n" not in str(info.value)
 
 
@@ -316,9 +319,9 @@ def test_generate_mode(models, tiny_sd1, tmp_path):
     assert sorted(p.name for p in (out / "prompt_01").iterdir()) == ["0.png", "1.png"]
     assert json.loads(text)["dino"] == saved["dino"] and all(k in saved for k in ("clip_t", "pres", "div"))
     # the same numbers from the saved images
-    gen = ev.read_images(out / "prompt_00") + ev.read_images(out / "prompt_01")
-    want = ev.evaluate_epoch(models["ev"], ev.read_images(real), gen, [saved["prompts"][0]] * 2 + [saved["prompts"][1]] * 2,
-                             ev.read_images(out / "class"))
+    gen = pre.read_images(out / "prompt_00") + pre.read_images(out / "prompt_01")
+    want = evaluators.evaluate_epoch(models["ev"], pre.read_images(real), gen, [saved["prompts"][0]] * 2 + [saved["prompts"][1]] * 2,
+                             pre.read_images(out / "class"))
     assert all(saved[k] == pytest.approx(want[k], abs=1e-5) for k in want)
 
 
@@ -340,7 +343,7 @@ def test_training_scores_its_validation_epochs_and_keeps_the_best(models, tiny_s
     lora_best.safetensors from the best epoch, and evaluate.py on the same run agrees."""
     from test_training import config
 
-    from dreambooth_min.training import train
+    from dreambooth_min.run.training import train
 
     cfg = config(tmp_path, tiny_sd1["single"], steps=6, eval_every=1, keep_best=True, validation_images=2,
                  validation_steps=2, clip_model=str(models["clip_dir"]), dino_model=str(models["dino_dir"]))
@@ -353,7 +356,7 @@ def test_training_scores_its_validation_epochs_and_keeps_the_best(models, tiny_s
     assert (run / "samples" / "epoch_0002" / "class_1.png").exists() and (run / "metrics.png").exists()
     best = ev.best_epoch(records)
     assert (run / "lora_best.safetensors").exists() and best is not None
-    records_again, best_again, _ = ev.evaluate_run(run, models["ev"])
+    records_again, best_again, _ = finished_run.evaluate_run(run, models["ev"])
     for a, b in zip(records, records_again):
         assert a["dino"] == pytest.approx(b["dino"], abs=1e-3)  # the PNGs round pixels to 8 bits
     assert best_again["epoch"] == best["epoch"]

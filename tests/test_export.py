@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreambooth_min import checkpoint
 from dreambooth_min.errors import UserError
-from dreambooth_min.export import save_diffusers_folder
-from dreambooth_min.make_tiny import build_tiny
+from dreambooth_min.formats import checkpoint
+from dreambooth_min.formats.export import save_diffusers_folder
+from dreambooth_min.formats.make_tiny import build_tiny
 
 from conditioning import assert_well_conditioned
 
@@ -109,10 +109,10 @@ def _umask():
 
 
 def test_make_tiny_command_writes_a_loadable_model(tmp_path):
-    # `python -m dreambooth_min.make_tiny ...` with the test-only packages made unimportable: requirements.txt suffices.
+    # `python -m dreambooth_min.formats.make_tiny ...` with the test-only packages made unimportable: requirements.txt suffices.
     argv = ["make_tiny", str(tmp_path / "tiny-sd2"), "--version", "sd2", "--seed", "4"]
     code = ("import runpy, sys; sys.modules.update(diffusers=None, peft=None, accelerate=None); "
-            f"sys.argv = {argv!r}; runpy.run_module('dreambooth_min.make_tiny', run_name='__main__')")
+            f"sys.argv = {argv!r}; runpy.run_module('dreambooth_min.formats.make_tiny', run_name='__main__')")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "noise" in r.stdout

@@ -22,12 +22,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_min import report
-from dreambooth_min.cli import run_command
-from dreambooth_min.errors import UserError
-from dreambooth_min.safetensors_io import DiskFull
-from dreambooth_min.state import OutOfMemory, checkpoint_problem, is_out_of_memory
-from dreambooth_min.training import train
+from dreambooth_min.errors import DiskFull, OutOfMemory, UserError, is_out_of_memory
+from dreambooth_min.run.cli import run_command
+from dreambooth_min.run.state import checkpoint_problem
+from dreambooth_min.run.training import train
+from dreambooth_min.watch import plots, report
 from test_training import ROOT, config, synthetic_images
 
 STEPS = 6  # every run here has the same settings but for when and how often it saves: one reference LoRA
@@ -259,7 +258,7 @@ def test_full_file_system(tiny_sd1, tmp_path, small_tmpfs, reference, capsys):
                  "you tried to allocate 1073741824 bytes. Error code 12 (Cannot allocate memory)")])
 def test_out_of_memory_in_a_step_saves_the_last_finished_one(tiny_sd1, tmp_path, reference, monkeypatch, capsys,
                                                                error):
-    from dreambooth_min import training
+    from dreambooth_min.run import training
 
     cfg = settings(tmp_path, tiny_sd1["single"], save_every=0)
     real, calls = training.dreambooth_step, []
@@ -291,7 +290,8 @@ def test_what_counts_as_out_of_memory():
 
 
 def test_out_of_memory_drawing_class_images_keeps_those_drawn(tiny_sd1, tmp_path, monkeypatch):
-    from dreambooth_min import load, prior
+    from dreambooth_min import load
+    from dreambooth_min.run import prior
 
     real, calls = prior.generate, []
 
@@ -310,7 +310,7 @@ def test_out_of_memory_drawing_class_images_keeps_those_drawn(tiny_sd1, tmp_path
 
 
 def test_a_failed_validation_is_a_warning(tiny_sd1, tmp_path, reference, monkeypatch, capsys):
-    from dreambooth_min import validation
+    from dreambooth_min.watch import validation
 
     def draw(*args, **kw):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
@@ -331,8 +331,8 @@ def test_a_failed_validation_is_a_warning(tiny_sd1, tmp_path, reference, monkeyp
 
 def test_damaged_class_image_is_drawn_again(tiny_sd1, tmp_path):
     from dreambooth_min import load
-    from dreambooth_min.data import load_image
-    from dreambooth_min.prior import ensure_class_images
+    from dreambooth_min.run.data import load_image
+    from dreambooth_min.run.prior import ensure_class_images
 
     sd = load(tiny_sd1["single"])
     paths = ensure_class_images(sd, tmp_path / "c", "a photo of dog", 2, 32, steps=2)
@@ -356,7 +356,7 @@ def test_torn_log_line(tmp_path):
     assert report.read_jsonl(log) == [{"step": 1, "loss": 0.5}]
     report.append_jsonl(log, {"step": 2, "loss": 0.25})  # starts on a line of its own
     assert report.read_jsonl(log) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}]
-    report.plot_loss(report.read_jsonl(log), tmp_path / "loss.png")
+    plots.plot_loss(report.read_jsonl(log), tmp_path / "loss.png")
     assert Image.open(tmp_path / "loss.png").size == (800, 400)
 
 
@@ -369,19 +369,22 @@ def test_damaged_row_is_left_out_of_grid_png(tmp_path):
     assert Image.open(tmp_path / "grid.png").size == (8, 8)
 
 
-def _train_script():
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _train_script():
+    return _script("train")
 
 
 def test_corrupt_config_json_is_one_line(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "checkpoints" / "step_000002").mkdir(parents=True)
     (run / "config.json").write_text('{"config": {"images": "x", "st')  # torn
-    main = _train_script().main
-    assert run_command(lambda: main(["--resume", str(run)])) == 2
+    assert _train_script().main(["--resume", str(run)]) == 2
     err = error_lines(capsys)
     assert len(err) == 1 and err[0].startswith("error: cannot read the run's configuration") and "config.json" in err[0]
 
@@ -401,6 +404,49 @@ def test_exit_codes(capsys):
     assert len(err) == 5 and all(line.startswith("error: ") for line in err) and "/out/y.png" in err[3]
     with pytest.raises(ValueError):
         fails(ValueError("a bug stays a traceback"))
+
+
+# Where each command's work starts, with arguments that get there: a failure raised there must end the same way.
+COMMANDS = {"train": ("train", ["--images", "photos"]),
+            "sample": ("generate", ["--prompt", "x", "--model", "m", "--no-progress"]),
+            "evaluate": ("folder_mode", ["--generated", "g", "--real", "r", "--prompt", "p"])}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("error, code", [
+    (UserError("bad"), 2),
+    (OutOfMemory("out of memory drawing"), 3),
+    (torch.OutOfMemoryError("CUDA out of memory"), 3),
+    (DiskFull("the disk is full: could not write x.png", "x.png"), 4),
+    (OSError(errno.ENOSPC, "No space left on device", "x.png"), 4),
+    (KeyboardInterrupt(), 130)])
+def test_the_three_commands_share_one_error_path(command, error, code, capsys, monkeypatch, tmp_path):
+    """train.py, sample.py and evaluate.py all end through run_command: the same exit status and one line."""
+    monkeypatch.chdir(tmp_path)
+    module = _script(command)
+    where, argv = COMMANDS[command]
+    if command == "sample":  # its work starts after loading the model: a stand-in model
+        stand_in = type("SD", (), {"random_note": None, "default_resolution": 64})()
+        monkeypatch.setattr(module.dreambooth_min, "load", lambda *args, **kwargs: stand_in)
+
+    def fails(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(module, where, fails)
+    assert module.main(argv) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("interrupted" if code == 130 else "error: ")
+
+
+@pytest.mark.parametrize("command, argv, message", [
+    ("evaluate.py", ["no_such_run"], "error: run folder no_such_run does not exist"),
+    ("evaluate.py", ["--generated", "g", "--real", "r", "--prompt", "p", "--device", "gpu0"],
+     "error: --device must be cuda, cuda:N or cpu, not 'gpu0'")])
+def test_bad_input_to_evaluate_py_is_exit_2_and_one_line(command, argv, message, tmp_path):
+    """evaluate.py as a user runs it (sample.py: tests/test_sampling.py): exit status 2 and one `error:` line."""
+    r = subprocess.run([sys.executable, str(ROOT / command)] + argv, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(message), r.stderr
 
 
 # ---------------------------------------------------------------------------------------------------

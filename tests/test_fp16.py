@@ -12,12 +12,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dreambooth_min.hardware import resolve_hardware
+from dreambooth_min.formats.lora_file import load_lora
 from dreambooth_min.layers import attention
 from dreambooth_min.lora import inject_lora
-from dreambooth_min.lora_file import load_lora
-from dreambooth_min.state import TrainingState
-from dreambooth_min.training import train
+from dreambooth_min.run.hardware import resolve_hardware
+from dreambooth_min.run.state import TrainingState
+from dreambooth_min.run.training import train
 from test_training import config
 
 
@@ -91,7 +91,7 @@ def test_attention_stays_finite_where_qk_overflows_fp16():
 
 
 def test_non_finite_losses_are_skipped_then_the_run_stops_with_a_finite_checkpoint(tiny_sd1, tmp_path, monkeypatch):
-    from dreambooth_min import training
+    from dreambooth_min.run import training
     from dreambooth_min.errors import UserError
 
     real_step, calls = training.dreambooth_step, []

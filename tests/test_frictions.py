@@ -12,14 +12,17 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_min import checkpoint, estimate, prior
-from dreambooth_min.cli import run_command
-from dreambooth_min.config import SettingError, config_from_json
-from dreambooth_min.errors import UserError
+from dreambooth_min.formats import checkpoint
+
+from dreambooth_min.errors import SettingError, UserError
+from dreambooth_min.formats.lora_apply import apply_lora, file_family, model_family, parse_lora_arg
+from dreambooth_min.formats.lora_file import lora_state_dict
+from dreambooth_min.formats.make_tiny import build_tiny, make_tiny
 from dreambooth_min.lora import inject_lora
-from dreambooth_min.lora_file import apply_lora, file_family, lora_state_dict, model_family, parse_lora_arg
-from dreambooth_min.make_tiny import build_tiny, make_tiny
-from dreambooth_min.training import train
+from dreambooth_min.run import estimate, prior, setup
+from dreambooth_min.run.cli import run_command
+from dreambooth_min.run.config import config_from_json
+from dreambooth_min.run.training import train
 from test_training import config, synthetic_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,14 +62,14 @@ def test_sample_checks_its_destination_first(out, message, tmp_path, monkeypatch
 def test_the_plan_says_a_tiny_model_is_random_and_counts_in_words(tmp_path, monkeypatch, capsys):
     make_tiny(tmp_path / "weights" / "tiny-sd1")
     monkeypatch.chdir(tmp_path)  # the model comes from weights/, as in the README's try-out recipe
-    monkeypatch.setattr(prior, "ensure_class_images", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(setup, "ensure_class_images", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     lines = []
     cfg = config(tmp_path, "", steps=3, validate_every=1, validation_images=1, validation_steps=1)
     with pytest.raises(KeyboardInterrupt):  # stop after the plan, as Ctrl-C would
         train(cfg, log=lines.append)
     plan = lines[0].splitlines()
     assert plan[0] == ("model       weights/tiny-sd1 (sd1, epsilon): a tiny random model (python -m "
-                       "dreambooth_min.make_tiny): its pictures are noise (the one model in weights/; --model "
+                       "dreambooth_min.formats.make_tiny): its pictures are noise (the one model in weights/; --model "
                        "chooses another)")
     assert plan[4] == "validation  'a photo of sks dog in the snow' every 1 epoch"
     assert plan[5].startswith("training    3 steps (1 epoch), LoRA rank 4")
@@ -78,11 +81,11 @@ def test_the_plan_says_a_tiny_model_is_random_and_counts_in_words(tmp_path, monk
     sample.main(["--prompt", "x", "--steps", "1", "--height", "32", "--width", "32", "--out", "x.png",
                  "--no-progress"])
     assert capsys.readouterr().err.splitlines()[0] == \
-        "warning: weights/tiny-sd1 is a tiny random model (python -m dreambooth_min.make_tiny): its pictures are noise"
+        "warning: weights/tiny-sd1 is a tiny random model (python -m dreambooth_min.formats.make_tiny): its pictures are noise"
 
 
 def test_counts_are_singular_or_plural():
-    from dreambooth_min.setup import plural
+    from dreambooth_min.run.setup import plural
 
     assert [plural(n, "epoch") for n in (1, 1.0, 2, 0.5, 1500000)] == \
         ["1 epoch", "1 epoch", "2 epochs", "0.5 epochs", "1500000 epochs"]
@@ -110,8 +113,8 @@ def test_estimate_counts_unet_passes():
 def test_a_full_size_model_on_the_cpu_is_warned_about(tmp_path, monkeypatch):
     make_tiny(tmp_path / "tiny")
     monkeypatch.setattr(estimate, "FULL_SIZE", 1000)  # the tiny UNet stands in for a full-size one
-    monkeypatch.setattr(estimate, "seconds_per_latent", lambda *a: 2.0)
-    monkeypatch.setattr(prior, "ensure_class_images", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(setup, "seconds_per_latent", lambda *a: 2.0)
+    monkeypatch.setattr(setup, "ensure_class_images", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     lines = []
     with pytest.raises(KeyboardInterrupt):
         train(config(tmp_path, tmp_path / "tiny", steps=100, num_class_images=3), log=lines.append)
@@ -120,7 +123,7 @@ def test_a_full_size_model_on_the_cpu_is_warned_about(tmp_path, monkeypatch):
     assert plan[-2] == ("time        about 24 s for the class images, 20 min for the training (rough: from one "
                         "timed UNet pass; the progress bars show the real rate)")
     assert plan[-1] == ("warning: a full-size model trains on the CPU, about 12 s a step: use a GPU, or try the "
-                        "commands first on a tiny model (python -m dreambooth_min.make_tiny)")
+                        "commands first on a tiny model (python -m dreambooth_min.formats.make_tiny)")
     assert not estimate.is_full_size(torch.nn.Linear(10, 10))
 
 
@@ -159,7 +162,7 @@ def test_a_lora_target_typo_stops_before_the_plan(tiny_sd1, tmp_path, capsys):
     ('{"config": {"lora_targets": ["to_q", 3]}}', "lora_targets must be a list of names, not ('to_q', 3)")])
 def test_resume_with_a_mistyped_config_is_one_line(saved, message, tmp_path, capsys):
     (tmp_path / "config.json").write_text(saved)
-    assert run_command(lambda: train_cli.main(["--resume", str(tmp_path)])) == 2
+    assert train_cli.main(["--resume", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"error: the run's configuration {tmp_path}/config.json is damaged: {message}\n"
 
 
@@ -171,10 +174,10 @@ def test_a_well_typed_config_still_resumes(tmp_path):
 
 def test_resume_of_a_photo_folder_says_it_is_not_a_run(tmp_path, capsys):
     synthetic_images(tmp_path / "dog")
-    assert run_command(lambda: train_cli.main(["--resume", str(tmp_path / "dog")])) == 2
+    assert train_cli.main(["--resume", str(tmp_path / "dog")]) == 2
     assert capsys.readouterr().err == (f"error: --resume {tmp_path}/dog: not a run folder (it has no config.json); "
                                        "give the folder that train.py made, e.g. runs/20261125-101500\n")
-    assert run_command(lambda: train_cli.main(["--resume", str(tmp_path / "nope")])) == 2
+    assert train_cli.main(["--resume", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err == (f"error: --resume {tmp_path}/nope: no such run folder (runs are in "
                                        "runs/<timestamp>/ or --output)\n")
 
@@ -253,7 +256,7 @@ def test_evaluators_that_cannot_load_log_no_hub_warnings(tmp_path, monkeypatch):
     import huggingface_hub.constants
     import huggingface_hub.utils._http as http
 
-    from dreambooth_min import evaluation
+    from dreambooth_min.watch import evaluators
 
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")  # the Hub cannot be reached
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -266,7 +269,7 @@ def test_evaluators_that_cannot_load_log_no_hub_warnings(tmp_path, monkeypatch):
     logging.getLogger("huggingface_hub").addHandler(handler)
     try:
         with pytest.raises(UserError, match=r"^--clip-model 'someone/clip': cannot load the CLIP model"):
-            evaluation.load_evaluators("someone/clip", "someone/dino", "cpu")
+            evaluators.load_evaluators("someone/clip", "someone/dino", "cpu")
     finally:
         logging.getLogger("huggingface_hub").removeHandler(handler)
         monkeypatch.undo()

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save
 
-from dreambooth_min import checkpoint, hub as hubmod
 from dreambooth_min.errors import UserError
+from dreambooth_min.formats import checkpoint, hub as hubmod
 from hub_server import FakeHub
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,7 +271,7 @@ def test_train_cli_by_repo_id_records_the_commit_then_runs_offline(hub, tmp_path
     the same id again with HF_HUB_OFFLINE=1 trains from the cache without one request."""
     from PIL import Image
 
-    from dreambooth_min.lora_file import load_lora
+    from dreambooth_min.formats.lora_file import load_lora
 
     (tmp_path / "imgs").mkdir()
     for i in range(2):

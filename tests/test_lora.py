@@ -12,7 +12,9 @@ from dreambooth_min.errors import UserError
 from dreambooth_min.layers import Conv2d
 from dreambooth_min.lora import (CONV_TARGETS, TEXT_TARGETS, UNET_TARGETS, LoRAConv2d, LoRALinear, inject_lora,
                                  lora_parameters)
-from dreambooth_min.lora_file import apply_lora, kohya_name, load_lora, lora_state_dict, save_lora
+from dreambooth_min.formats.lora_apply import apply_lora
+from dreambooth_min.formats.lora_file import load_lora, lora_state_dict, save_lora
+from dreambooth_min.formats.lora_names import kohya_name
 
 from conditioning import assert_well_conditioned
 
@@ -493,7 +495,7 @@ def test_locon_training_run_resumes_identically_and_writes_kohya_conv_keys(tiny_
 
     from test_training import config
 
-    from dreambooth_min.training import train
+    from dreambooth_min.run.training import train
 
     kw = dict(steps=4, lora_targets=("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"), conv_rank=2,
               train_text_encoder=True, prior_weight=0.0)

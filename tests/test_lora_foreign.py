@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 import sample
-from dreambooth_min.checkpoint import unet_rename_table, unrename
 from dreambooth_min.errors import UserError
+from dreambooth_min.formats.checkpoint_names import unet_rename_table, unrename
+from dreambooth_min.formats.lora_apply import apply_lora, lora_label, parse_lora_arg
+from dreambooth_min.formats.lora_file import load_lora, lora_state_dict, save_lora
+from dreambooth_min.formats.lora_names import kohya_name
 from dreambooth_min.lora import TEXT_TARGETS, UNET_TARGETS, inject_lora
-from dreambooth_min.lora_file import apply_lora, kohya_name, load_lora, lora_label, lora_state_dict, parse_lora_arg, \
-    save_lora
 from dreambooth_min.unet import UNetConfig
 
 pytest.importorskip("diffusers")

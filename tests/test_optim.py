@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dreambooth_min.errors import UserError
-from dreambooth_min.optim import make_optimizer
+from dreambooth_min.run.optim import make_optimizer
 
 
 def _params(seed=0, device="cpu"):

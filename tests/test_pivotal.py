@@ -10,12 +10,13 @@ import torch
 from PIL import Image
 
 import sample
-from dreambooth_min import load, pivotal
-from dreambooth_min.config import TrainConfig
-from dreambooth_min.embedding_file import load_embedding, save_embedding
+from dreambooth_min import load
 from dreambooth_min.errors import UserError
-from dreambooth_min.lora_file import load_lora
-from dreambooth_min.training import train
+from dreambooth_min.formats.embedding_file import load_embedding, save_embedding
+from dreambooth_min.formats.lora_file import load_lora
+from dreambooth_min.run import pivotal
+from dreambooth_min.run.config import TrainConfig
+from dreambooth_min.run.training import train
 from test_training import config
 
 

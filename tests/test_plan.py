@@ -2,7 +2,8 @@
 import pytest
 
 from dreambooth_min.errors import UserError
-from dreambooth_min.training import train
+from dreambooth_min.run import setup
+from dreambooth_min.run.training import train
 from test_training import config, run_cli, synthetic_images
 
 
@@ -18,14 +19,12 @@ def test_the_plan_is_printed_before_slow_work(tiny_sd1, tmp_path):
 
 
 def test_resuming_a_run_that_never_started_says_so_before_any_work(tiny_sd1, tmp_path, monkeypatch):
-    from dreambooth_min import prior
-
     cfg = config(tmp_path, tiny_sd1["single"])
 
     def interrupted(*args, **kwargs):  # Ctrl-C while the class images are drawn
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prior, "ensure_class_images", interrupted)
+    monkeypatch.setattr(setup, "ensure_class_images", interrupted)  # as run/setup.py calls it
     with pytest.raises(KeyboardInterrupt):
         train(cfg, log=lambda *_: None)
     assert not (tmp_path / "run").exists()  # no folder holding only config.json

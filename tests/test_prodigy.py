@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreambooth_min.config import TrainConfig
 from dreambooth_min.errors import UserError
-from dreambooth_min.optim import make_optimizer
-from dreambooth_min.training import train
+from dreambooth_min.run.config import TrainConfig
+from dreambooth_min.run.optim import make_optimizer
+from dreambooth_min.run.training import train
 from test_optim import _params, _train
 from test_training import config
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 import sample
 from dreambooth_min import sampling
+from dreambooth_min.formats import png
 from dreambooth_min.scheduler import ddim_timesteps
 
 from conditioning import assert_well_conditioned
@@ -177,7 +178,8 @@ def test_cli_lora_matches_diffusers_fused_lora(tmp_path):
     """--lora FILE --lora-scale s == diffusers' load_lora_weights + fuse_lora(lora_scale=s) (kohya file,
     UNet and text encoder layers)."""
     pytest.importorskip("peft")  # diffusers' LoRA loader needs it
-    from dreambooth_min.lora_file import kohya_name, save_lora
+    from dreambooth_min.formats.lora_file import save_lora
+    from dreambooth_min.formats.lora_names import kohya_name
     from tiny import make_pipeline, save_folder
 
     pipe = make_pipeline("sd1")  # our own copy: loading a LoRA changes the pipeline
@@ -222,10 +224,10 @@ def test_generate_fp16_cuda_close_to_fp32_cpu(tiny_sd2):
 def test_save_png_is_atomic_and_keeps_parameters(tmp_path):
     path = tmp_path / "a" / "x.png"
     image = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3))
-    text = sampling.parameters_text("ein Foto von sks Hündin 🐕", "", 20, 7.5, 0, 512, 768, "v1-5-pruned-emaonly", 0.0)
+    text = png.parameters_text("ein Foto von sks Hündin 🐕", "", 20, 7.5, 0, 512, 768, "v1-5-pruned-emaonly", 0.0)
     assert text == ("ein Foto von sks Hündin 🐕\nSteps: 20, Sampler: DDIM, CFG scale: 7.5, Seed: 0, Size: 512x768, "
                     "Model: v1-5-pruned-emaonly, Eta: 0.0")
-    sampling.save_png(image, path, text)
+    png.save_png(image, path, text)
     back = Image.open(path)
     assert back.text["parameters"] == text and np.array_equal(np.asarray(back), np.asarray(image))
     assert [p.name for p in path.parent.iterdir()] == ["x.png"]
@@ -251,6 +253,8 @@ def test_decode_postprocess_rounds_like_diffusers():
     (["--width", "0"], "error: width must be a positive multiple of 8, not 0"),
     (["--out", "x.jpg"], "error: --out must be a .png file"),
     (["--model", "/nonexistent/model.safetensors"], "error: model not found: /nonexistent/model.safetensors"),
+    (["--eta", "-1"], "error: --eta must be >= 0, not -1.0"),
+    (["--device", "gpu0"], "error: --device must be cuda, cuda:N or cpu, not 'gpu0'"),
 ])
 def test_cli_errors_are_one_line(extra, message, capsys):
     args = ["--model", "/nonexistent/model.safetensors", "--prompt", "", "--no-progress"] + extra
@@ -263,6 +267,7 @@ def test_cli_script_exits_2_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(tmp_path / "missing"), "--prompt", "x"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.startswith("error: model not found") and "Traceback" not in r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr
 
 
 def test_timesteps_passed_to_the_unet_are_diffusers():

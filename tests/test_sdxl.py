@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from dreambooth_min import UserError, load
-from dreambooth_min.checkpoint import UNET_PREFIX, VAE_PREFIX, infer_unet_config, infer_vae_config, rename
-from dreambooth_min.checkpoint import text_config_from_state_dict, unet_rename_table, vae_rename_table
-from dreambooth_min.checkpoint_sdxl import BIGG_PREFIX, CLIP_L_PREFIX, convert_open_clip_with_projection
-from dreambooth_min.checkpoint_sdxl import single_file_family, text_encoder_2_config
 from dreambooth_min.conditioning import Cond, size_time_ids
-from dreambooth_min.safetensors_io import save_atomic
+from dreambooth_min.formats.checkpoint_names import UNET_PREFIX, VAE_PREFIX, infer_unet_config, infer_vae_config, rename
+from dreambooth_min.formats.checkpoint_names import unet_rename_table, vae_rename_table
+from dreambooth_min.formats.checkpoint_sdxl import BIGG_PREFIX, CLIP_L_PREFIX, single_file_family
+from dreambooth_min.formats.safetensors_io import save_atomic
+from dreambooth_min.formats.text_weights import convert_open_clip_with_projection, text_config_from_state_dict
+from dreambooth_min.formats.text_weights import text_encoder_2_config
 from dreambooth_min.unet import UNet2DConditionModel, UNetConfig
 from dreambooth_min.vae import AutoencoderKL
 
@@ -175,7 +176,7 @@ def test_real_sdxl_layout_maps_onto_our_modules():
 def _check_text(part):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from dreambooth_min.checkpoint import match_text_prefix
+    from dreambooth_min.formats.text_weights import match_text_prefix
 
     clip_l = {k: torch.empty(s, device="meta") for k, s in part(CLIP_L_PREFIX).items()}
     bigg = convert_open_clip_with_projection({k: torch.empty(s, device="meta") for k, s in part(BIGG_PREFIX).items()})
@@ -314,7 +315,7 @@ SDXL_REPO = ["model_index.json", "scheduler/scheduler_config.json", "sd_xl_base_
 
 @pytest.mark.parametrize("fp16", [True, False])
 def test_sdxl_short_name_and_files(fp16):
-    from dreambooth_min import hub
+    from dreambooth_min.formats import hub
 
     assert hub.parse_spec("sdxl") == ("stabilityai/stable-diffusion-xl-base-1.0", None)
     chosen = hub.choose_files(SDXL_REPO, "stabilityai/stable-diffusion-xl-base-1.0", prefer_fp16=fp16)

@@ -4,8 +4,8 @@ random SDXL model (loss falls, resume is byte-identical, both text encoders lear
 import torch
 from PIL import Image
 
-from dreambooth_min.data import LatentCache, load_instance_images, original_size, photo_time_ids
 from dreambooth_min.dreambooth import assemble_batch
+from dreambooth_min.run.data import LatentCache, load_instance_images, original_size, photo_time_ids
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -97,7 +97,8 @@ def test_kohya_sdxl_names():
     """UNet layers by their LDM paths (sd-scripts' SDXL UNet, ComfyUI, A1111), text encoders as te1 / te2."""
     import copy
 
-    from dreambooth_min.lora_file import kohya_unet_paths, lora_state_dict
+    from dreambooth_min.formats.lora_file import lora_state_dict
+    from dreambooth_min.formats.lora_names import kohya_unet_paths
 
     unet, text, text_2 = _sdxl_modules()
     paths = kohya_unet_paths(unet)
@@ -128,7 +129,7 @@ def test_kohya_names_at_the_released_shape_name_real_tensors():
     from pathlib import Path
 
     from dreambooth_min.lora import CONV_TARGETS, UNET_TARGETS, inject_lora
-    from dreambooth_min.lora_file import kohya_name, kohya_unet_paths
+    from dreambooth_min.formats.lora_names import kohya_name, kohya_unet_paths
     from dreambooth_min.unet import UNet2DConditionModel, UNetConfig
 
     real = json.loads((Path(__file__).parent / "data" / "sdxl_keys.json").read_text())
@@ -180,7 +181,9 @@ def test_our_sdxl_file_in_diffusers_and_theirs_in_ours(tmp_path):
 
     from peft.utils import get_peft_model_state_dict
 
-    from dreambooth_min.lora_file import apply_lora, kohya_unet_paths, load_lora, lora_state_dict, save_lora
+    from dreambooth_min.formats.lora_apply import apply_lora
+    from dreambooth_min.formats.lora_file import load_lora, lora_state_dict, save_lora
+    from dreambooth_min.formats.lora_names import kohya_unet_paths
 
     base = _sdxl_modules()
     loras = _trained_like(*copy.deepcopy(base))
@@ -219,7 +222,8 @@ def test_other_family_is_one_line():
     import pytest
 
     from dreambooth_min.errors import UserError
-    from dreambooth_min.lora_file import apply_lora, lora_state_dict
+    from dreambooth_min.formats.lora_apply import apply_lora
+    from dreambooth_min.formats.lora_file import lora_state_dict
     from tiny import make_pipeline
 
     unet, text, text_2 = _sdxl_modules()
@@ -240,7 +244,7 @@ def test_other_family_is_one_line():
 
 def test_vae_precision_defaults():
     """SDXL's VAE runs fp32 over an fp16 base (it overflows fp16); otherwise the base's precision or --vae-precision."""
-    from dreambooth_min.hardware import Hardware
+    from dreambooth_min.run.hardware import Hardware
 
     fp16, bf16 = Hardware("cuda", "fp16"), Hardware("cuda", "bf16")
     assert fp16.vae_dtype("sdxl") == torch.float32 and fp16.vae_dtype("sd1") == torch.float16
@@ -274,8 +278,9 @@ def xl_denoising_loss(folder, lora, images_dir, resolution=32, seed=123):
     """Mean eps-MSE of the SDXL model (+ LoRA) on the photos at fixed noise and timesteps, each photo with its
     own size conditioning (as in training)."""
     from dreambooth_min import load
-    from dreambooth_min.data import encode_latents
-    from dreambooth_min.lora_file import apply_lora, load_lora
+    from dreambooth_min.run.data import encode_latents
+    from dreambooth_min.formats.lora_apply import apply_lora
+    from dreambooth_min.formats.lora_file import load_lora
     from dreambooth_min.scheduler import add_noise
 
     sd = load(folder)
@@ -296,8 +301,8 @@ def xl_denoising_loss(folder, lora, images_dir, resolution=32, seed=123):
 def test_sdxl_training_lowers_the_denoising_loss(tiny_xl, tmp_path):
     """LoRA and LoCon (the res blocks' convolutions: kohya's in_layers_2 / out_layers_3 names) on the tiny SDXL;
     measured 1.149 -> 0.719 in 50 steps (attention and MLP alone plateau at 1.00 on this 4 x 4-latent model)."""
-    from dreambooth_min.lora_file import load_lora
-    from dreambooth_min.training import train
+    from dreambooth_min.formats.lora_file import load_lora
+    from dreambooth_min.run.training import train
 
     cfg = _xl_config(tmp_path, tiny_xl, steps=50, lr=1e-2, prior_weight=0.0, rank=8, flip=False,
                      lora_targets=("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -316,8 +321,8 @@ def test_sdxl_resume_is_byte_identical_and_trains_both_text_encoders(tiny_xl, tm
     """The sgm single file, prior preservation (class images drawn by the frozen SDXL), --train-text-encoder: an
     interrupted and resumed run writes the same LoRA file, byte for byte, as an uninterrupted one; te1 and te2
     both learnt."""
-    from dreambooth_min.lora_file import load_lora
-    from dreambooth_min.training import train
+    from dreambooth_min.formats.lora_file import load_lora
+    from dreambooth_min.run.training import train
 
     kw = dict(steps=4, train_text_encoder=True, rank=2, class_dir=str(tmp_path / "class"), layout="single")
     a = train(_xl_config(tmp_path / "a", tiny_xl, **kw))
@@ -362,8 +367,8 @@ def test_trained_sdxl_lora_in_diffusers_gives_our_image(tiny_xl, tmp_path):
     """A LoRA trained here (UNet and both text encoders) loads in diffusers' StableDiffusionXLPipeline and gives
     sample.py's image within 2/255. Well-conditioned: the trained factors are small (lr 2e-3, 6 steps), and a
     1e-6 perturbation of them moves our image by at most 1/255."""
-    from dreambooth_min.lora_file import load_lora, save_lora
-    from dreambooth_min.training import train
+    from dreambooth_min.formats.lora_file import load_lora, save_lora
+    from dreambooth_min.run.training import train
 
     lora = train(_xl_config(tmp_path, tiny_xl, steps=6, lr=2e-3, train_text_encoder=True, prior_weight=0.0))["lora"]
     ours = _image(["--model", str(tiny_xl["folder"]), "--lora", str(lora)], tmp_path / "ours.png")
@@ -387,7 +392,8 @@ def test_sdxl_bad_inputs_are_one_line(tiny_xl, tiny_sd1, tmp_path, capsys):
     """An SD 1.x LoRA on SDXL and an SDXL LoRA on SD 1.x: exit 2 and one `error:` line naming both families."""
     import copy
 
-    from dreambooth_min.lora_file import kohya_unet_paths, lora_state_dict, save_lora
+    from dreambooth_min.formats.lora_file import lora_state_dict, save_lora
+    from dreambooth_min.formats.lora_names import kohya_unet_paths
 
     base = _sdxl_modules()
     xl = _trained_like(*copy.deepcopy(base))

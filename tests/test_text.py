@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from dreambooth_min.errors import UserError
-from dreambooth_min.checkpoint import (convert_open_clip, match_text_prefix, text_config_from_json,
-                                       text_config_from_state_dict)
+from dreambooth_min.formats.text_weights import convert_open_clip, match_text_prefix, text_config_from_json
+from dreambooth_min.formats.text_weights import text_config_from_state_dict
 from dreambooth_min.text import TOKENIZER_DIR, encode_prompt, load_tokenizer, tokenize
 
 from conditioning import assert_well_conditioned

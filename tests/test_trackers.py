@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from dreambooth_min.errors import UserError
-from dreambooth_min.trackers import Tracker, make_tracker
+from dreambooth_min.watch.trackers import Tracker, make_tracker
 
 CONFIG = {"lr": 1e-4, "rank": 4, "images": Path("data/dog"), "lora_targets": ("to_q", "to_k"), "prior": True}
 STEPS = {1: dict(loss=0.5, loss_instance=0.3, loss_prior=0.2, lr=1e-5, grad_norm=1.5, seconds_per_step=0.25),
@@ -159,7 +159,7 @@ def test_a_training_run_reports_to_tensorboard(tiny_sd1, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from test_training import config
 
-    from dreambooth_min.training import train
+    from dreambooth_min.run.training import train
 
     cfg = config(tmp_path, tiny_sd1["single"], steps=3, report_to="tensorboard", validate_every=1,
                  validation_images=1, validation_steps=2, prior_weight=0.0)

@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 
 from dreambooth_min import UserError, load
-from dreambooth_min.lora_file import apply_lora, load_lora
-from dreambooth_min.scheduler import add_noise, alphas_cumprod
-from dreambooth_min.config import TrainConfig
 from dreambooth_min.dreambooth import dreambooth_loss
-from dreambooth_min.scheduler import min_snr_weight, snr
-from dreambooth_min.state import lr_multiplier as lr_lambda
-from dreambooth_min.training import train
+from dreambooth_min.formats.lora_apply import apply_lora
+from dreambooth_min.formats.lora_file import load_lora
+from dreambooth_min.run.config import TrainConfig
+from dreambooth_min.run.state import lr_multiplier as lr_lambda
+from dreambooth_min.run.training import train
+from dreambooth_min.scheduler import add_noise, alphas_cumprod, min_snr_weight, snr
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def test_lr_schedule():
 
 def denoising_loss(model, lora, images_dir, resolution=32, seed=123):
     """Mean eps/v-MSE of the model (+ LoRA) on the instance images at fixed noise and timesteps."""
-    from dreambooth_min.data import encode_latents, load_instance_images
+    from dreambooth_min.run.data import encode_latents, load_instance_images
     from dreambooth_min.scheduler import v_target
 
     sd = load(model)
@@ -154,7 +154,7 @@ def test_resume_equals_uninterrupted_and_outputs(tiny_sd1, tmp_path):
 
 
 def test_class_images_are_reused_and_completed(tiny_sd1, tmp_path):
-    from dreambooth_min.prior import ensure_class_images
+    from dreambooth_min.run.prior import ensure_class_images
 
     sd = load(tiny_sd1["single"])
     first = ensure_class_images(sd, tmp_path / "c", "a photo of dog", 3, 32, steps=2)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from dreambooth_min.checkpoint import unet_rename_table, unrename, vae_rename_table
-from dreambooth_min.safetensors_io import save_atomic
+from dreambooth_min.formats.checkpoint_names import unet_rename_table, unrename, vae_rename_table
+from dreambooth_min.formats.safetensors_io import save_atomic
 from dreambooth_min.unet import UNetConfig
 from dreambooth_min.vae import VAEConfig
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dreambooth_min.safetensors_io import save_atomic
+from dreambooth_min.formats.safetensors_io import save_atomic
 from tiny import TOKENIZER_DIR, VAE, _randomize, ldm_unet_vae_tensors
 
 TEXT_1 = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37, hidden_act="quick_gelu",

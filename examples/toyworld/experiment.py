@@ -121,7 +121,7 @@ def autoencode(vae, images):
 
 def save_model(out, unet, vae, text_encoder):
     """The toy model as an ordinary diffusers folder: what load(), train.py and sample.py read."""
-    from dreambooth_min.export import save_diffusers_folder
+    from dreambooth_min.formats.export import save_diffusers_folder
 
     return save_diffusers_folder(out / "model", unet, vae, text_encoder, "sd1", "epsilon",
                                  sample_size=world.SIZE // 2 ** (len(vae.config.block_out_channels) - 1))
@@ -145,7 +145,7 @@ def saved_model(s, out):
 
 def pretrained_model(s, out):
     """Pretrain and save the toy model (then out/pretrain.json, its settings); returns its folder."""
-    from dreambooth_min.report import write_text_atomic
+    from dreambooth_min.watch.report import write_text_atomic
 
     images, captions, _, _ = world.make_world(s.world_images, s.seed)
     textures = world.make_textures(s.texture_images, s.seed)
@@ -193,7 +193,7 @@ def run(s, out, model_path=None):
     """The whole experiment into folder `out`; returns the results dict (also out/results.json, rewritten
     after each seed). `model_path`: fine-tune this toy model instead of out/model (pretrained when missing)."""
     from dreambooth_min import load
-    from dreambooth_min.report import write_text_atomic
+    from dreambooth_min.watch.report import write_text_atomic
 
     torch.set_num_threads(s.threads)
     out, timer, start = Path(out), Timer(), time.time()

@@ -22,7 +22,7 @@ def figure(all_samples, models, path, per_cell=16, zoom=2):
     the cells are narrower than the headers), and the cell is centred under the header."""
     from PIL import Image, ImageDraw
 
-    from dreambooth_min.sampling import image_grid
+    from dreambooth_min.formats.png import image_grid
 
     models = [m for m in models if m.name in all_samples]
     cells = {(m.name, p): image_grid(all_samples[m.name][p][:per_cell]) for m in models for p in PROMPTS}
@@ -48,7 +48,7 @@ def figure(all_samples, models, path, per_cell=16, zoom=2):
 
 def save_grids(all_samples, folder):
     """Every sample, one grid per model and prompt: grids/<model>/<prompt>.png."""
-    from dreambooth_min.sampling import image_grid
+    from dreambooth_min.formats.png import image_grid
 
     for m, by_prompt in all_samples.items():
         (folder / m).mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ def class_images(s, seed, model_path, folder):
     train.py would draw them, but with the sampler steps and guidance of every measurement; train.py reuses
     them. The folder name holds those settings: other settings never reuse these pictures."""
     from dreambooth_min import load
-    from dreambooth_min.prior import ensure_class_images
+    from dreambooth_min.run.prior import ensure_class_images
 
     folder = folder / f"class_images_steps{s.sample_steps}_guidance{s.guidance:g}"
     ensure_class_images(load(model_path), folder, CLASS_PROMPT, s.class_images, world.SIZE, s.sample_steps,
@@ -48,7 +48,7 @@ def run_train(cmd, threads):
     """Run train.py (its own progress bar shows) and return the LoRA it wrote. A finished run of the same
     command (an earlier call with the same --out) is reused; another run in its folder is replaced.
     Threads as ours; idle OpenMP threads sleep (shared cores)."""
-    from dreambooth_min.report import write_text_atomic
+    from dreambooth_min.watch.report import write_text_atomic
 
     output = Path(cmd[cmd.index("--output") + 1])
     lora, stamp, line = output / "lora.safetensors", output / "toyworld_command.txt", " ".join(cmd[1:])
@@ -72,7 +72,8 @@ def run_train(cmd, threads):
 def load_model(model_path, lora=None):
     """The saved toy model, with a LoRA merged into it (scale 1) when given."""
     from dreambooth_min import load
-    from dreambooth_min.lora_file import apply_lora, load_lora
+    from dreambooth_min.formats.lora_apply import apply_lora
+    from dreambooth_min.formats.lora_file import load_lora
 
     sd = load(model_path)
     if lora is not None:
