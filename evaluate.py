@@ -22,7 +22,7 @@ from dreambooth_min.formats.lora_apply import apply_lora
 from dreambooth_min.formats.lora_file import load_lora
 from dreambooth_min.formats.png import parameters_text, save_png
 from dreambooth_min.formats.safetensors_io import atomic_path
-from dreambooth_min.run.cli import run_command
+from dreambooth_min.run.cli import CommandParser, run_command
 from dreambooth_min.run.hardware import resolve_hardware
 from dreambooth_min.sampling import ETA, GUIDANCE, STEPS, check_size, generate
 from dreambooth_min.watch.eval_prompts import prompts_for
@@ -32,14 +32,8 @@ from dreambooth_min.watch.finished_run import check_run, evaluate_run
 from dreambooth_min.watch.preprocess import read_images
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other bad input (argparse adds the usage otherwise)
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv=None):
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", nargs="?", help="a train.py run folder (config.json, log.jsonl, samples/epoch_NNNN/)")
     p.add_argument("--real", help="folder of the real subject photos (run mode: overrides config.json's)")
     p.add_argument("--generated", help="folder of generated images to score against --real")

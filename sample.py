@@ -17,7 +17,7 @@ from dreambooth_min.formats.lora_apply import apply_lora, lora_label, parse_lora
 from dreambooth_min.formats.lora_file import load_lora
 from dreambooth_min.formats.png import image_grid, parameters_text, save_png
 from dreambooth_min.formats.safetensors_io import check_writable
-from dreambooth_min.run.cli import run_command
+from dreambooth_min.run.cli import CommandParser, run_command
 from dreambooth_min.run.hardware import DTYPES, resolve_hardware
 from dreambooth_min.run.pivotal import use_embedding
 from dreambooth_min.sampling import BATCH_SIZE, ETA, GUIDANCE, STEPS, check_size, generate
@@ -25,7 +25,7 @@ from dreambooth_min.scheduler import PREDICTION_TYPES
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a .safetensors checkpoint, a diffusers folder, a Hugging Face Hub repo id "
                                    "(owner/name or owner/name/file.safetensors; downloaded once into the Hugging Face "
                                    "cache) or a short name: sd15, sd21, sd21-base, sdxl (default: the one model in weights/, "

@@ -11,14 +11,14 @@ import argparse
 import signal
 import sys
 
-from dreambooth_min.run.cli import add_options, run_command, settings_from_args
+from dreambooth_min.run.cli import CommandParser, add_options, run_command, settings_from_args
 from dreambooth_min.run.config import TrainConfig, config_from_json
 from dreambooth_min.run.run_folder import RunFolder
 from dreambooth_min.run.training import train
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 usage="%(prog)s --images FOLDER [options]  |  %(prog)s --resume RUN [--device D] [--gradient-checkpointing]")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its latest checkpoint, with "
                    "its config.json (model, images, every setting); only --device and --gradient-checkpointing (same result, less memory) may be given with it")

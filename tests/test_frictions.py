@@ -98,8 +98,8 @@ def test_only_make_tiny_marks_its_models(tiny_sd1):
 
 # 3. a time estimate, and a warning for a full-size model on the CPU
 
-def test_estimate_counts_unet_passes():
-    cfg = config(Path("/nonexistent"), "", batch_size=2, grad_accum=3, class_steps=30, validation_images=4,
+def test_estimate_counts_unet_passes(tmp_path):
+    cfg = config(tmp_path, "", batch_size=2, grad_accum=3, class_steps=30, validation_images=4,
                  validation_steps=20, gradient_checkpointing=True)
     class_images, step, validation = estimate.estimate(cfg, 0.5, to_draw=10, validations=7)
     assert class_images == 10 * 30 * 2 * 0.5  # CFG: two latents per DDIM step
@@ -284,3 +284,15 @@ def test_personal_photos_under_data_are_not_committed():
 
     assert ignored("data/mathilda/01.jpg") and ignored("data/me.png")
     assert not ignored("data/dog/00.jpg")
+
+
+# A mistyped flag: one line in every command, with the nearest flag (run/cli.py CommandParser)
+
+@pytest.mark.parametrize("script, args, line", [
+    ("train.py", ["--images", "x", "--stepz", "3"], "unrecognized arguments: --stepz 3 (did you mean --steps?)"),
+    ("sample.py", ["--prompt", "x", "--stepz", "3"], "unrecognized arguments: --stepz 3 (did you mean --steps?)"),
+    ("evaluate.py", ["run", "--marign", "0.1"], "unrecognized arguments: --marign 0.1 (did you mean --margin?)")])
+def test_a_mistyped_flag_is_one_line_with_the_nearest_flag(script, args, line, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == [f"error: {line}; see --help"]

@@ -6,6 +6,7 @@ a flag that sets the field to a fixed value (--no-prior = --prior-weight 0).
 """
 import argparse
 import dataclasses
+import difflib
 import sys
 
 from ..errors import SettingError, UserError, is_out_of_memory
@@ -57,6 +58,19 @@ def settings_from_args(settings_class, args):
     """The dataclass with every flag the user gave; the others keep the fields' defaults."""
     names = {f.name for f in dataclasses.fields(settings_class)}
     return settings_class(**{k: v for k, v in vars(args).items() if k in names})
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse whose mistakes read like every other bad input: one `error:` line and exit status 2 (argparse's
+    own prints the whole usage first), with the nearest flag for a mistyped one."""
+
+    def error(self, message):
+        flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        typos = [w for w in message.replace(",", " ").split() if w.startswith("--") and w not in flags]
+        near = [m for w in typos for m in difflib.get_close_matches(w, flags, n=1)]
+        hint = f" (did you mean {', '.join(near)}?)" if near else ""
+        print(f"error: {message}{hint}; see --help", file=sys.stderr)
+        sys.exit(EXIT_CODES["bad input"])
 
 
 EXIT_CODES = {"done": 0, "bad input": 2, "out of memory": 3, "disk full": 4, "interrupted (Ctrl-C, SIGTERM)": 130}
