@@ -38,7 +38,7 @@ class Setup:
     captions: list
     instance_latents: object  # data.LatentCache
     class_latents: object = None  # data.LatentCache, or None without prior preservation
-    monitor: object = None  # validation.Monitor: tracker and evaluators
+    monitor: object = None  # watch/validation.Monitor: tracker and evaluators
     lora_tensors: object = None  # () -> the LoRA's tensors now (for lora_best.safetensors)
 
     def lora_metadata(self, cfg, step):
@@ -48,7 +48,7 @@ class Setup:
 
 
 def prepare(cfg, resume, log):
-    """The training.Setup of a run: model, photos, class images and latents, run folder with config.json."""
+    """The Setup of a run: model, photos, class images and latents, run folder with config.json."""
     cfg.check()
     hardware = resolve_hardware(cfg.device, cfg.precision)
     hardware.device = dist.init_from_env(hardware.device)  # under torchrun: join the group, take cuda:LOCAL_RANK
