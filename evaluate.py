@@ -52,7 +52,8 @@ def parse_args(argv=None):
                    help="prompt of the images for PRES; empty: no PRES (default: %(default)r)")
     g.add_argument("--num-prompts", type=int, default=25, help="use the first K prompts (default: all 25)")
     g.add_argument("--steps", type=int, default=STEPS, help="DDIM steps (default: %(default)s)")
-    g.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance scale (default: %(default)s)")
+    g.add_argument("--guidance", type=float, default=GUIDANCE,
+                   help="classifier-free guidance scale (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="image i of every prompt uses seed + i (default: %(default)s)")
     g.add_argument("--resolution", type=int, help="pixels (default: the model's)")
     g.add_argument("--out", help="where the images and metrics.json go (default: eval/ beside the LoRA, or ./eval)")
