@@ -123,10 +123,10 @@ def _single_file_text(f, version, dtype, device):
         return dict(text_encoder=text_encoder, tokenizer=load_tokenizer("sd1"),  # CLIP-L pads with EOS
                     text_encoder_2=text_encoder_2, tokenizer_2=load_tokenizer("sd2"))  # OpenCLIP with "!"
     shapes = f.shapes
-    if any(k.startswith(OPEN_CLIP_PREFIX) for k in shapes):
-        text_tensors = convert_open_clip({k[len(OPEN_CLIP_PREFIX):]: f.read(k) for k in shapes if k.startswith(OPEN_CLIP_PREFIX)})
-    elif any(k.startswith(HF_CLIP_PREFIX) for k in shapes):
-        text_tensors = {k[len(HF_CLIP_PREFIX):]: f.read(k) for k in shapes if k.startswith(HF_CLIP_PREFIX)}
+    if open_clip := _under(shapes, OPEN_CLIP_PREFIX):
+        text_tensors = convert_open_clip({k: f.read(OPEN_CLIP_PREFIX + k) for k in open_clip})
+    elif clip := _under(shapes, HF_CLIP_PREFIX):
+        text_tensors = {k: f.read(HF_CLIP_PREFIX + k) for k in clip}
     else:
         raise UserError(f"{f.path} has no text encoder ({HF_CLIP_PREFIX}* or {OPEN_CLIP_PREFIX}*)")
     return dict(text_encoder=load_text(text_tensors, version, dtype, device), tokenizer=load_tokenizer(version))

@@ -7,6 +7,7 @@ a flag that sets the field to a fixed value (--no-prior = --prior-weight 0).
 import argparse
 import dataclasses
 import difflib
+import errno
 import sys
 
 from ..errors import SettingError, UserError, is_out_of_memory
@@ -60,6 +61,9 @@ def settings_from_args(settings_class, args):
     return settings_class(**{k: v for k, v in vars(args).items() if k in names})
 
 
+EXIT_CODES = {"done": 0, "bad input": 2, "out of memory": 3, "disk full": 4, "interrupted (Ctrl-C, SIGTERM)": 130}
+
+
 class CommandParser(argparse.ArgumentParser):
     """argparse whose mistakes read like every other bad input: one `error:` line and exit status 2 (argparse's
     own prints the whole usage first), with the nearest flag for a mistyped one."""
@@ -73,19 +77,17 @@ class CommandParser(argparse.ArgumentParser):
         sys.exit(EXIT_CODES["bad input"])
 
 
-EXIT_CODES = {"done": 0, "bad input": 2, "out of memory": 3, "disk full": 4, "interrupted (Ctrl-C, SIGTERM)": 130}
-
-
 def run_command(main):
     """Run main(); an error becomes one `error:` line and its exit status (EXIT_CODES): bad input 2,
     out of memory 3, disk full 4 (UserError subclasses say theirs in `exit_code`); Ctrl-C 130."""
     try:
         return main()
-    except SettingError as e:
+    except SettingError as e:  # names the flag, not the field
         print(f"error: {flag(e.setting)} {e.problem}", file=sys.stderr)
+        return e.exit_code
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", 2)
+        return e.exit_code
     except KeyboardInterrupt as e:  # its message, if any, says what was kept and how to go on
         print("interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
@@ -98,12 +100,9 @@ def run_command(main):
         print(f"error: {what} ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})",
               file=sys.stderr)
         return code
-    return 2
 
 
 def _resource_exit_code(error):
-    import errno
-
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return 4
     return 3 if is_out_of_memory(error) else None

@@ -23,7 +23,6 @@ from ..watch.validation import Monitor, report_step, validate
 from . import distributed as dist
 from . import pivotal
 from .data import epoch_order
-from .distributed import is_main
 from .faults import guarded
 from .setup import prepare
 from .state import TrainingState, save_checkpoint
@@ -168,13 +167,13 @@ def log_step(setup, state, losses, lr, grad_norm, epoch, seconds, bar):
     state.nonfinite_in_a_row = 0 if finite else state.nonfinite_in_a_row + 1
     if not finite:
         record["skipped"] = "non-finite loss"
-    if is_main():
+    if dist.is_main():
         setup.run.append_log(record)
     if state.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
         raise Diverged(f"the loss was not finite for {MAX_NONFINITE_STEPS} steps in a row (up to step {state.step}); "
                        "those steps were skipped and the LoRA is unharmed. Try a lower --lr, --precision fp32 or bf16, "
                        "or --prediction-type if the model's was detected wrongly")
-    if is_main():
+    if dist.is_main():
         report_step(setup, record)
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
     bar.update(1)
