@@ -13,6 +13,7 @@ from pathlib import Path
 from ..errors import SettingError, UserError
 from ..lora import UNET_TARGETS
 from ..scheduler import PREDICTION_TYPES
+from ..watch.evaluators import CLIP_MODEL, DINO_MODEL
 from .hardware import DTYPES
 from .optim import DEFAULT_LR
 from .pivotal import check_tokens
@@ -112,8 +113,8 @@ class TrainConfig:
                                 "as the DreamBooth paper does -> metrics.jsonl; 0 disables", OUTPUTS)
     keep_best: bool = option(False, "with --eval-every: keep the LoRA of the best epoch as lora_best.safetensors",
                              OUTPUTS)
-    clip_model: str = option("openai/clip-vit-base-patch32", "CLIP for CLIP-I / CLIP-T: Hub id or folder", OUTPUTS)
-    dino_model: str = option("facebook/dino-vits16", "DINO ViT-S/16 for DINO / PRES: Hub id or folder", OUTPUTS)
+    clip_model: str = option(CLIP_MODEL, "CLIP for CLIP-I / CLIP-T: Hub id or folder", OUTPUTS)
+    dino_model: str = option(DINO_MODEL, "DINO ViT-S/16 for DINO / PRES: Hub id or folder", OUTPUTS)
 
     def is_validation_epoch(self, epoch):
         """Validation images are drawn every --validate-every epochs, and every --eval-every epochs to score."""
