@@ -1,0 +1,99 @@
+"""lora_tools.py: merge (into a single file, a diffusers folder, or one LoRA), resize (kohya's ranks), extract.
+
+Values are checked against closed forms (constructed singular values, the SVD's truncation error), against
+base + LoRA sampled by sample.py's path, and the merged single file against diffusers' from_single_file."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import dreambooth_min
+import lora_tools
+from dreambooth_min.formats.lora_apply import apply_lora
+from dreambooth_min.formats.lora_file import load_lora, module_groups, save_lora
+from dreambooth_min.formats.lora_names import kohya_unet_paths
+from dreambooth_min.formats.lora_svd import choose_rank, group_update, kept_fraction
+from dreambooth_min.lora import CONV_TARGETS, TEXT_TARGETS, UNET_TARGETS, inject_lora
+from dreambooth_min.formats.lora_file import lora_state_dict
+from dreambooth_min.sampling import generate
+
+
+def random_lora(folder, path, rank, seed, conv=True, alpha=None):
+    """A LoRA with random factors (B too: not a fresh one) on the model's attention, text encoder(s), and with
+    `conv` its res-block convolutions (LoCon); saved as train.py saves, kohya names."""
+    sd = dreambooth_min.load(folder)
+    paths = kohya_unet_paths(sd.unet)
+    unet = inject_lora(sd.unet, UNET_TARGETS + (CONV_TARGETS if conv else ()), rank, alpha, conv_rank=rank - 1)
+    text = inject_lora(sd.text_encoder, TEXT_TARGETS, rank, alpha)
+    text_2 = inject_lora(sd.text_encoder_2, TEXT_TARGETS, rank, alpha) if sd.text_encoder_2 is not None else None
+    g = torch.Generator().manual_seed(seed)
+    for m in [*unet.values(), *text.values(), *(text_2 or {}).values()]:
+        for p in (m.lora_down.weight, m.lora_up.weight):
+            p.data = 0.3 * torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel())
+    save_lora(path, lora_state_dict(unet, text, text_loras_2=text_2, unet_paths=paths))
+    return path
+
+
+def _image(sd, seed=0):
+    return np.asarray(generate(sd, "a photo of sks dog", "", 1, 3, 5.0, seed, 64, 64, progress=False)[0], dtype=int)
+
+
+def _run(args, capsys):
+    code = lora_tools.main([str(a) for a in args])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return out.out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ranks: kohya's rules on constructed singular values
+
+def test_dynamic_ranks_follow_kohyas_rules_on_constructed_singular_values():
+    s = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.0, 0.0])
+    # sv_ratio 5: s > 8/5 are 8, 4, 2 -> index 3, rank 4; sv_ratio 100: 6 nonzero -> rank 7
+    assert choose_rank(s, 8, "sv_ratio", 5) == 4 and choose_rank(s, 8, "sv_ratio", 100) == 7
+    # sv_fro 0.9: cumulative energy 64, 80, 84, 85, ... of 85.3125; 0.81 * 85.3125 = 69.1 first reached at j=1
+    # -> index 2, rank 3 (kohya keeps one more than the two that suffice)
+    assert choose_rank(s, 8, "sv_fro", 0.9) == 3
+    # sv_cumulative 0.5: sums 8, 12 of 15.75; 0.5 * 15.75 = 7.875 reached at j=0 -> rank 2
+    assert choose_rank(s, 8, "sv_cumulative", 0.5) == 2
+    assert choose_rank(s, 2, "sv_ratio", 100) == 2  # capped at the largest rank given
+    assert choose_rank(torch.zeros(4), 3) == 1  # a zero update keeps one
+    assert kept_fraction(s, 2) == pytest.approx(math.sqrt(80 / 85.3125))
+
+
+def _constructed_lora(path, spectra, alpha=2.0):
+    """kohya tensors whose modules' B A have exactly the singular values `spectra` (orthonormal factors)."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i, s in enumerate(spectra):
+        u, _ = torch.linalg.qr(torch.randn(24, len(s), generator=g))
+        v, _ = torch.linalg.qr(torch.randn(16, len(s), generator=g))
+        key = f"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn{i + 1}_to_q"
+        tensors[key + ".lora_up.weight"] = u * torch.tensor(s)
+        tensors[key + ".lora_down.weight"] = v.T.contiguous()
+        tensors[key + ".alpha"] = torch.tensor(alpha)
+    save_lora(path, tensors)
+    return path
+
+
+def test_resize_keeps_the_scaled_truncated_svd_and_prints_ranks(tmp_path, capsys):
+    lora = _constructed_lora(tmp_path / "in.safetensors", [[5.0, 3.0, 1.0, 0.1], [2.0, 2.0, 2.0, 2.0]])
+    out = tmp_path / "out.safetensors"
+    printed = _run(["resize", "--lora", lora, "--rank", 2, "--out", out, "--no-progress"], capsys)
+    old, new = module_groups(load_lora(lora)[0]), module_groups(load_lora(out)[0])
+    for key, g in old.items():
+        full = group_update(g, 2.0 / 4)
+        u, s, vh = torch.linalg.svd(full)
+        h = new[key]
+        assert h["down"].shape[0] == 2 and float(h["alpha"]) == pytest.approx(2 * 2.0 / 4)  # alpha / r kept
+        torch.testing.assert_close(group_update(h, float(h["alpha"]) / 2), (u[:, :2] * s[:2]) @ vh[:2],
+                                   atol=1e-6, rtol=1e-5)
+    assert f"kept {math.sqrt(34 / 35.01):7.2%}" in printed and f"kept {math.sqrt(8 / 16):7.2%}" in printed
+    printed = _run(["resize", "--lora", lora, "--rank", 8, "--dynamic", "sv_ratio", "--ratio", 4, "--out", out,
+                    "--no-progress"], capsys)
+    ranks = {k[1]: g["down"].shape[0] for k, g in module_groups(load_lora(out)[0]).items()}
+    # [5, 3, 1, 0.1]: s > 5/4 -> index 2 -> rank 3; [2, 2, 2, 2]: index 4 -> rank 5, capped at the old rank 4
+    assert sorted(ranks.values()) == [3, 4]
+    assert load_lora(out)[1]["ss_network_dim"] == "Dynamic"
