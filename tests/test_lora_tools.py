@@ -97,3 +97,51 @@ def test_resize_keeps_the_scaled_truncated_svd_and_prints_ranks(tmp_path, capsys
     # [5, 3, 1, 0.1]: s > 5/4 -> index 2 -> rank 3; [2, 2, 2, 2]: index 4 -> rank 5, capped at the old rank 4
     assert sorted(ranks.values()) == [3, 4]
     assert load_lora(out)[1]["ss_network_dim"] == "Dynamic"
+
+
+# ---------------------------------------------------------------------------------------------------
+# merge: the merged model draws base + LoRA's image; the single file loads here and in diffusers
+
+@pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])
+def merged(request, tmp_path_factory):
+    """A tiny model, two LoRAs (LoCon, text encoders) at strengths 0.7 and 1, and their merge as a single file."""
+    tiny = request.getfixturevalue(f"tiny_{request.param}")
+    root = tmp_path_factory.mktemp(f"merge_{request.param}")
+    a = random_lora(tiny["folder"], root / "a.safetensors", rank=4, seed=1, alpha=2.0)
+    b = random_lora(tiny["folder"], root / "b.safetensors", rank=3, seed=2, conv=False)
+    out = root / "merged.safetensors"
+    code = lora_tools.main(["merge", "--model", str(tiny["single"]), "--lora", f"{a}:0.7", "--lora", str(b),
+                            "--out", str(out), "--dtype", "fp32", "--no-progress"])
+    assert code == 0
+    return dict(tiny, version=request.param, a=a, b=b, out=out, root=root)
+
+
+def test_the_merged_file_draws_the_image_of_base_plus_loras(merged):
+    base = dreambooth_min.load(merged["single"])
+    for path, scale in ((merged["a"], 0.7), (merged["b"], 1.0)):  # as sample.py --lora applies them
+        tensors, metadata = load_lora(path)
+        apply_lora(base.unet, base.text_encoder, tensors, scale=scale, metadata=metadata,
+                   text_encoder_2=base.text_encoder_2)
+    ours = dreambooth_min.load(merged["out"])
+    assert ours.version == merged["version"] and ours.prediction_type == base.prediction_type
+    assert np.abs(_image(ours) - _image(base)).max() <= 1
+    # merging is exact up to fp32 rounding: every weight as sample.py's merge gives it
+    for name, w in ours.unet.state_dict().items():
+        torch.testing.assert_close(w, base.unet.state_dict()[name], atol=2e-6, rtol=0)
+
+
+def test_the_merged_file_loads_in_diffusers_from_single_file(merged):
+    import diffusers
+
+    cls = diffusers.StableDiffusionXLPipeline if merged["version"] == "sdxl" else diffusers.StableDiffusionPipeline
+    pipe = cls.from_single_file(str(merged["out"]), config=str(merged["folder"]), local_files_only=True)
+    ours = dreambooth_min.load(merged["out"])
+    pairs = [(pipe.unet, ours.unet), (pipe.vae, ours.vae), (pipe.text_encoder, ours.text_encoder)]
+    if merged["version"] == "sdxl":
+        pairs.append((pipe.text_encoder_2, ours.text_encoder_2))
+    for theirs, mine in pairs:
+        theirs_sd = {k.removeprefix("text_model."): v for k, v in theirs.state_dict().items()}
+        mine_sd = {k.removeprefix("text_model."): v for k, v in mine.state_dict().items()}
+        assert theirs_sd.keys() >= mine_sd.keys()
+        for k, v in mine_sd.items():
+            assert torch.equal(theirs_sd[k].reshape(v.shape), v), k
