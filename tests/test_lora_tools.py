@@ -36,7 +36,8 @@ def random_lora(folder, path, rank, seed, conv=True, alpha=None):
 
 
 def _image(sd, seed=0):
-    return np.asarray(generate(sd, "a photo of sks dog", "", 1, 3, 5.0, seed, 64, 64, progress=False)[0], dtype=int)
+    # two steps without guidance: the text encoders' LoRA still shapes the (conditional) prediction
+    return np.asarray(generate(sd, "a photo of sks dog", "", 1, 2, 1.0, seed, 64, 64, progress=False)[0], dtype=int)
 
 
 def _run(args, capsys):
@@ -145,3 +146,59 @@ def test_the_merged_file_loads_in_diffusers_from_single_file(merged):
         assert theirs_sd.keys() >= mine_sd.keys()
         for k, v in mine_sd.items():
             assert torch.equal(theirs_sd[k].reshape(v.shape), v), k
+
+
+def _expected_updates(merged):
+    """{kohya name: 0.7 dW_a + dW_b} from the two files' own factors."""
+    total = {}
+    for path, strength in ((merged["a"], 0.7), (merged["b"], 1.0)):
+        for (_, name), g in module_groups(load_lora(path)[0]).items():
+            update = group_update(g, strength * float(g["alpha"]) / g["down"].shape[0])
+            total[name] = total.get(name, 0) + update
+    return total
+
+
+def _updates(path):
+    return {name: group_update(g, float(g["alpha"]) / g["down"].shape[0])
+            for (_, name), g in module_groups(load_lora(path)[0]).items()}
+
+
+def _assert_updates_close(got, expected):
+    """Equal to fp32 noise: W + dW rounds dW to the ulp of W (~3e-8 here), and an fp32 SVD of an [n, m] matrix is
+    exact to ~1e-7 sqrt(m) of its norm (measured at most 2.4e-7, 2.1e-5 of max |dW|, on the tiny SDXL's mid block)."""
+    assert got.keys() == expected.keys()
+    for name, e in expected.items():
+        err = float((got[name] - e).abs().max())
+        assert err < 1e-7 + 5e-5 * float(e.abs().max()), (name, err, float(e.abs().max()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# extract and merge --into-lora: exact at the updates' rank; at a lower one, the SVD's truncation error
+
+def test_extract_from_base_and_merged_recovers_the_loras_updates(merged, capsys):
+    out = merged["root"] / "extracted.safetensors"
+    printed = _run(["extract", "--model", merged["single"], "--tuned", merged["out"], "--rank", 7,
+                    "--out", out, "--no-progress"], capsys)
+    expected = _expected_updates(merged)
+    _assert_updates_close(_updates(out), expected)
+    assert f"extracted: {len(expected)} modules, Frobenius norm kept 100.00%" in printed
+    base, tuned = dreambooth_min.load(merged["single"]), dreambooth_min.load(merged["out"])
+    tensors, metadata = load_lora(out)  # loads as sample.py loads it, and gives the merged weights back
+    apply_lora(base.unet, base.text_encoder, tensors, metadata=metadata, text_encoder_2=base.text_encoder_2)
+    for name, w in tuned.unet.state_dict().items():
+        torch.testing.assert_close(base.unet.state_dict()[name], w, atol=1e-6, rtol=0)
+
+
+def test_merge_into_lora_keeps_the_best_low_rank_approximation_of_the_summed_updates(merged, capsys):
+    low = merged["root"] / "low.safetensors"
+    printed = _run(["merge", "--model", merged["single"], "--lora", f"{merged['a']}:0.7", "--lora", merged["b"],
+                    "--into-lora", "--rank", 2, "--conv-rank", 1, "--out", low, "--no-progress"], capsys)
+    expected = _expected_updates(merged)
+    got = _updates(low)
+    assert got.keys() == expected.keys() and "merged LoRA:" in printed
+    for name, update in got.items():
+        s = torch.linalg.svdvals(expected[name].flatten(1))
+        kept = 1 if expected[name].dim() == 4 and expected[name].shape[-1] > 1 else 2
+        # Eckart-Young: the best rank-q approximation misses exactly the dropped singular values
+        err = float(torch.linalg.matrix_norm((update - expected[name]).flatten(1)))
+        assert err == pytest.approx(float(s[kept:].pow(2).sum().sqrt()), rel=1e-4, abs=1e-6), name
