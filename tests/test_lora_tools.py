@@ -202,3 +202,47 @@ def test_merge_into_lora_keeps_the_best_low_rank_approximation_of_the_summed_upd
         # Eckart-Young: the best rank-q approximation misses exactly the dropped singular values
         err = float(torch.linalg.matrix_norm((update - expected[name]).flatten(1)))
         assert err == pytest.approx(float(s[kept:].pow(2).sum().sqrt()), rel=1e-4, abs=1e-6), name
+
+
+def test_merge_into_a_diffusers_folder_sdxl(tiny_sdxl, tmp_path, capsys):
+    """Any OUT but .safetensors is a diffusers folder: SDXL's (two text encoders) loads here and in diffusers."""
+    import diffusers
+
+    lora = random_lora(tiny_sdxl["folder"], tmp_path / "a.safetensors", rank=2, seed=3)
+    out = tmp_path / "merged"
+    _run(["merge", "--model", tiny_sdxl["folder"], "--lora", f"{lora}:0.5", "--out", out, "--dtype", "fp32",
+          "--no-progress"], capsys)
+    expected = dreambooth_min.load(tiny_sdxl["folder"])
+    tensors, metadata = load_lora(lora)
+    apply_lora(expected.unet, expected.text_encoder, tensors, scale=0.5, metadata=metadata,
+               text_encoder_2=expected.text_encoder_2)
+    ours = dreambooth_min.load(out)
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(out, local_files_only=True)
+    assert ours.version == "sdxl" and type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    for a, b, c in ((expected.unet, ours.unet, pipe.unet), (expected.text_encoder_2, ours.text_encoder_2,
+                                                             pipe.text_encoder_2)):
+        theirs = c.state_dict()
+        for k, v in a.state_dict().items():
+            assert torch.equal(b.state_dict()[k], v) and torch.equal(theirs[k], v), k
+
+
+@pytest.mark.parametrize("args, message", [
+    (["resize", "--lora", "x.safetensors", "--out", "y.safetensors"], "the following arguments are required: --rank"),
+    (["resize", "--lora", "{lora}", "--rank", "2", "--dynamic", "sv_fro", "--out", "y.safetensors"],
+     "--dynamic and --ratio go together"),
+    (["resize", "--lora", "{lora}", "--rank", "2", "--out", "y.png"], "--out must be a .safetensors file"),
+    (["resize", "--lora", "missing.safetensors", "--rank", "2", "--out", "y.safetensors"], "does not exist"),
+    (["merge", "--lora", "missing.safetensors", "--out", "m.safetensors"], "LoRA file missing.safetensors does not exist"),
+    (["merge", "--lora", "{lora}", "--into-lora", "--out", "m.safetensors"], "--rank R is needed"),
+    (["extract", "--model", "{sd1}", "--tuned", "{sd2}", "--rank", "2", "--out", "e.safetensors", "--no-progress"],
+     "--model is sd1 and --tuned is sd2"),
+])
+def test_bad_input_is_one_error_line(args, message, tmp_path, tiny_sd1, tiny_sd2, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    lora = _constructed_lora(tmp_path / "l.safetensors", [[1.0, 0.5]])
+    try:
+        code = lora_tools.main([a.format(lora=lora, sd1=tiny_sd1["folder"], sd2=tiny_sd2["folder"]) for a in args])
+    except SystemExit as e:  # argparse's own mistakes (CommandParser): the same one line
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0], err
