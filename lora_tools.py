@@ -44,9 +44,8 @@ def _common(p, model=True):
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _ranks(p, required=True):
-    p.add_argument("--rank", type=int, required=required, metavar="R",
-                   help="rank of each module" + (" (with --dynamic: the largest rank)" if not required else ""))
+def _ranks(p, help, required=True):
+    p.add_argument("--rank", type=int, required=required, metavar="R", help=help)
     p.add_argument("--conv-rank", type=int, metavar="R", help="rank of k x k convolution modules (LoCon; default --rank)")
 
 
@@ -64,13 +63,13 @@ def parse_args(argv=None):
     m.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
                    help="override what an SD 2.x single-file --model predicts (sample.py --help explains the default)")
     m.add_argument("--into-lora", action="store_true", help="write one LoRA (SVD of the summed updates), not a model")
-    _ranks(m, required=False)
+    _ranks(m, "--into-lora: the rank of each module of the LoRA written", required=False)
     m.add_argument("--clamp-quantile", type=float, default=1.0, metavar="Q",
                    help="--into-lora: clip the factors at this quantile of their entries (kohya: 0.99; default 1: none)")
     r = sub.add_parser("resize", help="a LoRA at a lower rank (a fixed rank or kohya's dynamic ranks)",
                        description="Resize a LoRA by SVD of each module's update, as kohya's resize_lora.py.")
     r.add_argument("--lora", required=True, metavar="FILE", help="the LoRA to resize")
-    _ranks(r)
+    _ranks(r, "the rank of each module (with --dynamic: the largest; a module never grows)")
     r.add_argument("--dynamic", choices=DYNAMIC_METHODS,
                    help="pick each module's rank: sv_fro keeps --ratio of its Frobenius norm, sv_cumulative --ratio of "
                         "the sum of its singular values, sv_ratio those within a factor --ratio of the largest")
@@ -80,7 +79,7 @@ def parse_args(argv=None):
                        description="Extract a LoRA (kohya names) from --tuned minus --model, layer by layer.")
     _common(e)
     e.add_argument("--tuned", required=True, help="the fine-tuned model (same kinds of path as --model)")
-    _ranks(e)
+    _ranks(e, "the rank of each module of the LoRA written (exact when the differences have at most this rank)")
     e.add_argument("--min-diff", type=float, default=0.0, metavar="X",
                    help="skip layers whose weights differ by at most X everywhere (default: 0, only identical ones)")
     e.add_argument("--clamp-quantile", type=float, default=1.0, metavar="Q",

@@ -9,9 +9,7 @@ run as it is (resize_lora_model), with its `library` imports stubbed: only torch
 """
 import importlib.util
 import sys
-import tempfile
 import types
-from pathlib import Path
 
 import torch
 
