@@ -187,11 +187,10 @@ def test_extract_from_base_and_merged_recovers_the_loras_updates(merged, capsys)
     expected = _expected_updates(merged)
     _assert_updates_close(_updates(out), expected)
     assert f"extracted: {len(expected)} modules, Frobenius norm kept 100.00%" in printed
-    base, tuned = dreambooth_min.load(merged["single"]), dreambooth_min.load(merged["out"])
-    tensors, metadata = load_lora(out)  # loads as sample.py loads it, and gives the merged weights back
-    apply_lora(base.unet, base.text_encoder, tensors, metadata=metadata, text_encoder_2=base.text_encoder_2)
-    for name, w in tuned.unet.state_dict().items():
-        torch.testing.assert_close(base.unet.state_dict()[name], w, atol=1e-6, rtol=0)
+    base = dreambooth_min.load(merged["single"])
+    tensors, metadata = load_lora(out)  # loads as sample.py loads it: every module finds its layer
+    assert len(apply_lora(base.unet, base.text_encoder, tensors, metadata=metadata,
+                          text_encoder_2=base.text_encoder_2)) == len(expected)
 
 
 def test_merge_into_lora_keeps_the_best_low_rank_approximation_of_the_summed_updates(merged, capsys):
@@ -209,19 +208,17 @@ def test_merge_into_lora_keeps_the_best_low_rank_approximation_of_the_summed_upd
         assert err == pytest.approx(float(s[kept:].pow(2).sum().sqrt()), rel=1e-4, abs=1e-6), name
 
 
-def test_merge_into_a_diffusers_folder_sdxl(tiny_sdxl, tmp_path, capsys):
-    """Any OUT but .safetensors is a diffusers folder: SDXL's (two text encoders) loads here and in diffusers."""
+def test_merge_into_a_diffusers_folder(merged, capsys):
+    """Any OUT but .safetensors is a diffusers folder; SDXL's (two text encoders) loads here and in diffusers with the
+    single file's merged weights."""
     import diffusers
 
-    lora = random_lora(tiny_sdxl["folder"], tmp_path / "a.safetensors", rank=2, seed=3)
-    out = tmp_path / "merged"
-    _run(["merge", "--model", tiny_sdxl["folder"], "--lora", f"{lora}:0.5", "--out", out, "--dtype", "fp32",
-          "--no-progress"], capsys)
-    expected = dreambooth_min.load(tiny_sdxl["folder"])
-    tensors, metadata = load_lora(lora)
-    apply_lora(expected.unet, expected.text_encoder, tensors, scale=0.5, metadata=metadata,
-               text_encoder_2=expected.text_encoder_2)
-    ours = dreambooth_min.load(out)
+    if merged["version"] != "sdxl":
+        pytest.skip("SD 1.x / 2.x folders: tests/test_export.py; the merge is the single file's")
+    out = merged["root"] / "merged"
+    _run(["merge", "--model", merged["folder"], "--lora", f"{merged['a']}:0.7", "--lora", merged["b"], "--out", out,
+          "--dtype", "fp32", "--no-progress"], capsys)
+    expected, ours = dreambooth_min.load(merged["out"]), dreambooth_min.load(out)
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(out, local_files_only=True)
     assert ours.version == "sdxl" and type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
     for a, b, c in ((expected.unet, ours.unet, pipe.unet), (expected.text_encoder_2, ours.text_encoder_2,
