@@ -1,7 +1,8 @@
 """After training: bake LoRAs into a model, shrink a LoRA, or extract one from a fine-tuned model (SD 1.x, 2.x, XL).
 
     python lora_tools.py merge --model sd15 --lora style.safetensors:0.8 --lora dog.safetensors --out merged.safetensors
-    python lora_tools.py merge --model sd15 --lora a.safetensors --lora b.safetensors:0.5 --into-lora --rank 16 --out ab.safetensors
+    python lora_tools.py merge --model sd15 --lora a.safetensors --lora b.safetensors:0.5 --into-lora --rank 16 \
+        --out ab.safetensors
     python lora_tools.py resize --lora big.safetensors --rank 8 --out small.safetensors
     python lora_tools.py resize --lora big.safetensors --rank 64 --dynamic sv_fro --ratio 0.9 --out small.safetensors
     python lora_tools.py extract --model sd15 --tuned my-finetune.safetensors --rank 32 --out extracted.safetensors
@@ -21,6 +22,7 @@ import torch
 
 import dreambooth_min
 from dreambooth_min.errors import UserError
+from dreambooth_min.formats.checkpoint import _single_file_prediction_type as single_file_prediction_type
 from dreambooth_min.formats.export import save_diffusers_folder
 from dreambooth_min.formats.lora_apply import parse_lora_arg
 from dreambooth_min.formats.lora_file import family_metadata, load_lora, save_lora
@@ -46,7 +48,8 @@ def _common(p, model=True):
 
 def _ranks(p, help, required=True):
     p.add_argument("--rank", type=int, required=required, metavar="R", help=help)
-    p.add_argument("--conv-rank", type=int, metavar="R", help="rank of k x k convolution modules (LoCon; default --rank)")
+    p.add_argument("--conv-rank", type=int, metavar="R",
+                   help="rank of k x k convolution modules (LoCon; default --rank)")
 
 
 def parse_args(argv=None):
@@ -57,7 +60,8 @@ def parse_args(argv=None):
                                    "any other OUT: a diffusers folder), or with --into-lora merge them into one LoRA.")
     _common(m)
     m.add_argument("--lora", action="append", required=True, metavar="FILE[:STRENGTH]",
-                   help="a LoRA file (kohya LoRA / LoCon / DoRA, diffusers / peft) and its strength (default 1); repeat")
+                   help="a LoRA file (kohya LoRA / LoCon / DoRA, diffusers / peft) and its strength (default 1); "
+                        "repeat for several")
     m.add_argument("--dtype", choices=tuple(DTYPES), default="fp16",
                    help="precision of the written model (merging is in fp32; default: %(default)s, as released models)")
     m.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
@@ -65,7 +69,8 @@ def parse_args(argv=None):
     m.add_argument("--into-lora", action="store_true", help="write one LoRA (SVD of the summed updates), not a model")
     _ranks(m, "--into-lora: the rank of each module of the LoRA written", required=False)
     m.add_argument("--clamp-quantile", type=float, default=1.0, metavar="Q",
-                   help="--into-lora: clip the factors at this quantile of their entries (kohya: 0.99; default 1: none)")
+                   help="--into-lora: clip the factors at this quantile of their entries "
+                        "(kohya: 0.99; default 1: none)")
     r = sub.add_parser("resize", help="a LoRA at a lower rank (a fixed rank or kohya's dynamic ranks)",
                        description="Resize a LoRA by SVD of each module's update, as kohya's resize_lora.py.")
     r.add_argument("--lora", required=True, metavar="FILE", help="the LoRA to resize")
@@ -73,7 +78,8 @@ def parse_args(argv=None):
     r.add_argument("--dynamic", choices=DYNAMIC_METHODS,
                    help="pick each module's rank: sv_fro keeps --ratio of its Frobenius norm, sv_cumulative --ratio of "
                         "the sum of its singular values, sv_ratio those within a factor --ratio of the largest")
-    r.add_argument("--ratio", type=float, metavar="X", help="the --dynamic method's target (e.g. sv_fro 0.9, sv_ratio 10)")
+    r.add_argument("--ratio", type=float, metavar="X",
+                   help="the --dynamic method's target (e.g. sv_fro 0.9, sv_ratio 10)")
     _common(r, model=False)
     e = sub.add_parser("extract", help="a LoRA from a fine-tuned model and its base (SVD of the weight differences)",
                        description="Extract a LoRA (kohya names) from --tuned minus --model, layer by layer.")
@@ -141,6 +147,10 @@ def merge(args):
     elif out.suffix.lower() == ".safetensors":
         base = Path(args.model) if args.model and Path(args.model).is_file() else None
         save_single_file(out, sd, DTYPES[args.dtype], base_file=base)
+        if sd.version == "sd2" and single_file_prediction_type(out, "sd2") != sd.prediction_type:
+            print(f"warning: {out.name} is an {sd.prediction_type} model, but loaders that go by the name (ours, "
+                  "docs/hub.md) will read it as the other kind: put '512' or 'base' in an epsilon model's name, "
+                  "none in a v model's", file=sys.stderr)
     else:
         save_diffusers_folder(out, sd.unet.to(DTYPES[args.dtype]), sd.vae.to(DTYPES[args.dtype]),
                               sd.text_encoder.to(DTYPES[args.dtype]), sd.version, sd.prediction_type,

@@ -41,7 +41,8 @@ def decaying_lora(rank=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     for i, m in enumerate([*loras.values(), *text_loras.values()]):
         decay = 0.3 + 0.6 * (i % 5) / 4  # 0.3 .. 0.9: a different spectrum per module
-        m.lora_down.weight.data = torch.randn(m.lora_down.weight.shape, generator=g) / m.lora_down.weight[0].numel() ** 0.5
+        down = m.lora_down.weight
+        down.data = torch.randn(down.shape, generator=g) / down[0].numel() ** 0.5
         up = torch.randn(m.lora_up.weight.shape, generator=g)
         m.lora_up.weight.data = up * decay ** torch.arange(rank).view(1, rank, *[1] * (up.dim() - 2))
     return lora_state_dict(loras, text_loras)

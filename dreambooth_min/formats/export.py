@@ -31,8 +31,9 @@ MODEL_INDEX = dict(_class_name="StableDiffusionPipeline", _diffusers_version=DIF
 # SDXL: two text encoders and tokenizers; an empty negative prompt is zeros (model.py sampling_conds).
 SDXL_MODEL_INDEX = dict(_class_name="StableDiffusionXLPipeline", _diffusers_version=DIFFUSERS_VERSION,
                         unet=MODEL_INDEX["unet"], vae=MODEL_INDEX["vae"], text_encoder=MODEL_INDEX["text_encoder"],
-                        tokenizer=MODEL_INDEX["tokenizer"], text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
-                        tokenizer_2=["transformers", "CLIPTokenizer"], scheduler=MODEL_INDEX["scheduler"],
+                        tokenizer=MODEL_INDEX["tokenizer"], scheduler=MODEL_INDEX["scheduler"],
+                        text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                        tokenizer_2=["transformers", "CLIPTokenizer"],
                         force_zeros_for_empty_prompt=True)
 
 
