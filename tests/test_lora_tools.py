@@ -100,6 +100,27 @@ def test_resize_keeps_the_scaled_truncated_svd_and_prints_ranks(tmp_path, capsys
     assert load_lora(out)[1]["ss_network_dim"] == "Dynamic"
 
 
+def test_resize_reads_peft_alphas_and_cp_locon_and_writes_kohya_names(tmp_path, capsys):
+    g = torch.Generator().manual_seed(5)
+    peft = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    cp = "lora_unet_down_blocks_0_resnets_0_conv1"
+    tensors = {peft + ".lora_A.weight": torch.randn(4, 16, generator=g),
+               peft + ".lora_B.weight": torch.randn(24, 4, generator=g),
+               cp + ".lora_down.weight": torch.randn(3, 8, 1, 1, generator=g),
+               cp + ".lora_mid.weight": torch.randn(3, 3, 3, 3, generator=g),
+               cp + ".lora_up.weight": torch.randn(8, 3, 1, 1, generator=g), cp + ".alpha": torch.tensor(1.5)}
+    lora, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_lora(lora, tensors, {"lora_adapter_metadata": '{"unet.r": 4, "unet.lora_alpha": 8}'})
+    _run(["resize", "--lora", lora, "--rank", 4, "--out", out, "--no-progress"], capsys)
+    new = {name: g for (_, name), g in module_groups(load_lora(out)[0]).items()}
+    old = {name: g for (_, name), g in module_groups(tensors).items()}
+    kohya = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert float(new[kohya]["alpha"]) == 8 and float(new[cp]["alpha"]) == 1.5  # full rank: alphas kept
+    for theirs, ours, scale in ((old[peft.removeprefix("unet.")], new[kohya], 2.0), (old[cp], new[cp], 0.5)):
+        torch.testing.assert_close(group_update(ours, float(ours["alpha"]) / ours["down"].shape[0]),
+                                   group_update(theirs, scale), atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------
 # merge: the merged model draws base + LoRA's image; the single file loads here and in diffusers
 

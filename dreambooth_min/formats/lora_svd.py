@@ -100,6 +100,10 @@ def resize_lora(tensors, metadata, rank, conv_rank=None, method=None, value=None
     for (part, name), g in tqdm(sorted(groups.items()), desc="resize", disable=not progress):
         if not {"down", "up"} <= g.keys():
             raise UserError(f"LoRA module {name} lacks lora_down or lora_up weights")
+        if g.keys() - {"down", "up", "alpha", "mid", "style"}:  # a DoRA's update depends on the base weight
+            raise UserError(f"LoRA module {name} has {sorted(g.keys() - {'down', 'up', 'alpha', 'mid', 'style'})} "
+                            "besides its factors: resize takes LoRA / LoCon only (merge --into-lora --model BASE "
+                            "makes a plain LoRA of any kind)")
         old = g["down"].shape[0]
         alpha = _alpha(g, _peft_config(metadata, part), name, old)
         conv = g.get("mid") is not None or kernel_size(g["down"]) != ()
