@@ -307,3 +307,34 @@ def test_merge_bakes_a_dora_by_its_own_rule(tiny_sd1, tmp_path, capsys):
     s = torch.linalg.svdvals(expected - w)
     err = float(torch.linalg.matrix_norm(update - (expected - w)))
     assert err == pytest.approx(float(s[4:].pow(2).sum().sqrt()), rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd21", "sdxl"])
+def test_single_file_keys_and_shapes_are_the_released_files(name):
+    """At full size (on the meta device): every tensor name and shape of v1-5-pruned-emaonly, v2-1_768-ema-pruned
+    and sd_xl_base_1.0 (tests/data/*_keys.json), nothing more."""
+    import json
+    from types import SimpleNamespace
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from dreambooth_min.formats.single_file import single_file_tensors
+    from dreambooth_min.unet import UNet2DConditionModel, UNetConfig
+    from dreambooth_min.vae import AutoencoderKL, VAEConfig
+
+    version = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}[name]
+    clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+    open_clip = dict(hidden_act="gelu", hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                     num_attention_heads=16)
+    big_g = CLIPTextConfig(hidden_act="gelu", hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                           num_attention_heads=20, projection_dim=1280)
+    with torch.device("meta"):
+        sd = SimpleNamespace(version=version, unet=UNet2DConditionModel(getattr(UNetConfig, version)()),
+                             vae=AutoencoderKL(VAEConfig.sd()), text_encoder_2=None,
+                             text_encoder=CLIPTextModel(CLIPTextConfig(**open_clip) if version == "sd2" else clip_l))
+        if version == "sdxl":
+            sd.text_encoder_2 = CLIPTextModelWithProjection(big_g)
+    released = json.loads((__import__("pathlib").Path(__file__).parent / "data" / f"{name}_keys.json").read_text())
+    ours = {k: list(v.shape) for k, v in single_file_tensors(sd).items()}
+    assert ours.keys() == released.keys(), sorted(ours.keys() ^ released.keys())[:5]
+    assert ours == released

@@ -71,6 +71,9 @@ def single_file_tensors(sd, base_file=None):
     out = _renamed(sd.unet, UNET_PREFIX, unet_rename_table(sd.unet.config))
     out |= _renamed(sd.vae, VAE_PREFIX, vae_rename_table(sd.vae.config))
     clip = {text_path(k): v for k, v in sd.text_encoder.state_dict().items()}
+    # transformers 5 no longer saves CLIP's constant position ids; the released files (and A1111) have them
+    clip["text_model.embeddings.position_ids"] = torch.arange(clip["text_model.embeddings.position_embedding.weight"]
+                                                              .shape[0])[None]
     if sd.version == "sdxl":
         out |= {CLIP_L_PREFIX + k: v for k, v in clip.items()}
         out |= {BIGG_PREFIX + k: v for k, v in to_open_clip(sd.text_encoder_2).items()}
