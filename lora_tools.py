@@ -115,8 +115,9 @@ def _check(args):
 
 def _load(args, path, what="--model"):
     hardware = resolve_hardware(args.device or "", "fp32")  # merged and compared in fp32, cast once when written
-    sd = dreambooth_min.load(path or dreambooth_min.find_default_model(), dtype=torch.float32,
-                             device=hardware.device, prediction_type=getattr(args, "prediction_type", None))
+    path = path or dreambooth_min.find_default_model()
+    sd = dreambooth_min.load(path, dtype=torch.float32, device=hardware.device,
+                             prediction_type=getattr(args, "prediction_type", None))
     if sd.random_note:
         print(f"warning: {what} {path} is {sd.random_note}", file=sys.stderr)
     return sd
@@ -139,7 +140,7 @@ def merge(args):
     out = Path(args.out)
     if args.into_lora:
         tensors, rows = lora_from_updates(kohya_keys(sd, updates), args.rank, args.conv_rank, args.clamp_quantile,
-                                          progress=not args.no_progress)
+                                          progress=not args.no_progress, device=sd.unet.conv_in.weight.device)
         meta = family_metadata(sd.version, sd.prediction_type) | {
             "ss_training_comment": "merged by lora_tools.py: " + ", ".join(f"{p.name}:{s:g}" for p, s in loras)}
         save_lora(out, tensors, meta)
@@ -183,7 +184,7 @@ def extract(args):
         print(f"warning: {len(others)} tensors that a LoRA cannot hold differ too (biases, norms, embeddings, the "
               f"VAE), e.g. {others[0]}: the LoRA leaves them out", file=sys.stderr)
     tensors, rows = lora_from_updates(kohya_keys(base, updates), args.rank, args.conv_rank, args.clamp_quantile,
-                                      progress=not args.no_progress)
+                                      progress=not args.no_progress, device=base.unet.conv_in.weight.device)
     meta = family_metadata(base.version, base.prediction_type) | {
         "ss_training_comment": f"extracted by lora_tools.py from {tuned.name} minus {base.name}"}
     save_lora(args.out, tensors, meta)

@@ -118,14 +118,16 @@ def resize_lora(tensors, metadata, rank, conv_rank=None, method=None, value=None
     return out, rows
 
 
-def lora_from_updates(updates, rank, conv_rank=None, clamp_quantile=1.0, progress=True, dtype=torch.float32):
+def lora_from_updates(updates, rank, conv_rank=None, clamp_quantile=1.0, progress=True, dtype=torch.float32,
+                      device="cpu"):
     """A LoRA (kohya tensors, alpha = rank) from full updates {kohya name: dW}, each at `rank` (k x k convs:
-    `conv_rank`, default `rank`). Returns (tensors, rows (name, full rank min(out, in k k), rank, kept fraction))."""
+    `conv_rank`, default `rank`), each SVD on `device`. Returns (tensors on the CPU, rows (name, full rank
+    min(out, in k k), rank, kept fraction))."""
     out, rows = {}, []
     for key, delta in tqdm(sorted(updates.items()), desc="svd", disable=not progress):
         r = (conv_rank or rank) if kernel_size(delta) != () else rank
-        down, up, q, kept = factorize(delta, r, clamp_quantile=clamp_quantile)
-        out[key + ".lora_down.weight"], out[key + ".lora_up.weight"] = down.to(dtype), up.to(dtype)
+        down, up, q, kept = factorize(delta.to(device), r, clamp_quantile=clamp_quantile)
+        out[key + ".lora_down.weight"], out[key + ".lora_up.weight"] = down.to("cpu", dtype), up.to("cpu", dtype)
         out[key + ".alpha"] = torch.tensor(float(q), dtype=torch.float32)
         rows.append((key, min(delta.shape[0], delta[0].numel()), q, kept))
     return out, rows
