@@ -18,7 +18,10 @@ from dreambooth_min.formats.lora_svd import group_update, resize_lora
 from dreambooth_min.formats.make_tiny import build_tiny
 from dreambooth_min.lora import CONV_TARGETS, TEXT_TARGETS, UNET_TARGETS, inject_lora
 
-CASES = ((4, None, None), (8, "sv_fro", 0.9), (8, "sv_ratio", 4.0), (8, "sv_cumulative", 0.7), (8, "sv_fro", 0.99))
+# (rank, conv rank, method, value). kohya gives every 4-D module (1x1 convs too) its conv rank, though its help
+# says "Conv2d 3x3"; ours, as its extract_lora_from_models.py and its LoRA network, only k x k convolutions.
+CASES = ((4, 4, None, None), (4, 2, None, None), (8, 8, "sv_fro", 0.9), (8, 8, "sv_ratio", 4.0),
+         (8, 8, "sv_cumulative", 0.7), (8, 8, "sv_fro", 0.99))
 
 
 def kohya_module(path):
@@ -51,16 +54,19 @@ def decaying_lora(rank=8, seed=0):
 def main(path):
     kohya = kohya_module(path)
     tensors = decaying_lora()
-    for rank, method, value in CASES:
-        theirs, _, _ = kohya.resize_lora_model(dict(tensors), rank, rank, torch.float32, "cpu", method, value, False)
-        ours, rows = resize_lora(tensors, {}, rank, rank, method, value, progress=False)
+    for rank, conv_rank, method, value in CASES:
+        theirs, _, _ = kohya.resize_lora_model(dict(tensors), rank, conv_rank, torch.float32, "cpu", method, value,
+                                               False)
+        ours, rows = resize_lora(tensors, {}, rank, conv_rank, method, value, progress=False)
         a, b = module_groups(theirs), module_groups(ours)
         same_rank = sum(a[k]["down"].shape[0] == b[k]["down"].shape[0] for k in a)
         same_alpha = sum(abs(float(a[k]["alpha"]) - float(b[k]["alpha"])) < 1e-6 for k in a)
         update = lambda g: group_update(g, float(g["alpha"]) / g["down"].shape[0])
         diff = max(float((update(a[k]) - update(b[k])).abs().max() / update(a[k]).abs().max()) for k in a)
         ranks = sorted({r[2] for r in rows})
-        print(f"{method or 'fixed'} {value if value is not None else rank}: {len(a)} modules, same rank {same_rank}, "
+        one_by_one = sum(g["down"].dim() == 4 and g["down"].shape[2:] == (1, 1) for g in a.values())
+        print(f"{method or 'fixed'} {value if value is not None else rank} (conv {conv_rank}): {len(a)} modules "
+              f"({one_by_one} 1x1 convs), same rank {same_rank}, "
               f"same alpha {same_alpha}, ranks used {ranks}, max |dW ours - dW kohya| / max |dW kohya| {diff:.1e}")
 
 
