@@ -102,6 +102,8 @@ def _check(args):
     check_writable(out, "--out", folder=not lora_out and out.suffix.lower() != ".safetensors")
     if getattr(args, "rank", None) is None and lora_out:
         raise UserError("--rank R is needed: the rank of the LoRA written")
+    if not lora_out and (args.rank, args.conv_rank, args.clamp_quantile) != (None, None, 1.0):
+        raise UserError("--rank, --conv-rank and --clamp-quantile go with --into-lora (merge writes a model without)")
     for name in ("rank", "conv_rank"):
         if (getattr(args, name, None) or 1) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -153,10 +155,9 @@ def merge(args):
                   "docs/hub.md) will read it as the other kind: put '512' or 'base' in an epsilon model's name, "
                   "none in a v model's", file=sys.stderr)
     else:
-        save_diffusers_folder(out, sd.unet.to(DTYPES[args.dtype]), sd.vae.to(DTYPES[args.dtype]),
-                              sd.text_encoder.to(DTYPES[args.dtype]), sd.version, sd.prediction_type,
-                              note=sd.random_note or None, text_encoder_2=sd.text_encoder_2 and
-                              sd.text_encoder_2.to(DTYPES[args.dtype]))
+        cast = lambda m: None if m is None else m.to(DTYPES[args.dtype])
+        save_diffusers_folder(out, cast(sd.unet), cast(sd.vae), cast(sd.text_encoder), sd.version, sd.prediction_type,
+                              note=sd.random_note or None, text_encoder_2=cast(sd.text_encoder_2))
     print(f"wrote {out}")
 
 

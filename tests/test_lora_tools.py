@@ -258,6 +258,7 @@ def test_merge_into_a_diffusers_folder(merged, capsys):
     (["merge", "--lora", "missing.safetensors", "--out", "m.safetensors"],
      "LoRA file missing.safetensors does not exist"),
     (["merge", "--lora", "{lora}", "--into-lora", "--out", "m.safetensors"], "--rank R is needed"),
+    (["merge", "--lora", "{lora}", "--rank", "4", "--out", "m.safetensors"], "go with --into-lora"),
     (["extract", "--model", "{sd1}", "--tuned", "{sd2}", "--rank", "2", "--out", "e.safetensors", "--no-progress"],
      "--model is sd1 and --tuned is sd2"),
 ])
