@@ -114,9 +114,11 @@ def nice_ticks(lo, hi, n=5):
 def tick_label(v, ticks):
     """A tick's text with as many digits as the tick spacing needs (1e-4 and below in scientific notation)."""
     step = abs(ticks[1] - ticks[0]) if len(ticks) > 1 else abs(v) or 1
-    if step < 1e-3 or abs(v) >= 1e5:
-        return f"{v:.0e}" if v else "0"
-    return f"{v:.{max(0, -math.floor(math.log10(step) + 1e-9))}f}"
+    digits = -math.floor(math.log10(step) + 1e-9)  # decimals the spacing needs
+    if step < 1e-3 or abs(v) >= 1e6:
+        top = max(abs(t) for t in ticks)
+        return f"{v:.{max(0, digits + math.floor(math.log10(top) + 1e-9))}e}" if v else "0"
+    return f"{v:.{max(0, digits)}f}"
 
 
 def panel(chart, box, series, x_label, y_label, x_range=None, legend=True, marks=()):
