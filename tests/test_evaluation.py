@@ -257,6 +257,9 @@ def test_run_folder_mode(models, tmp_path, capsys):
     assert "step_000006" in out or "lora.safetensors" in out
     with Image.open(run / "metrics.png") as im:
         assert im.size == (900, 820)
+    page = (run / "report.html").read_text()  # refreshed: the metrics table, the best epoch's row marked
+    assert '<table class="metrics">' in page and f'<tr class="best"><td>{best["epoch"]} (best)</td>' in page
+    assert f"<td>{records[1]['dino']:.4f}</td>" in page
 
 
 def test_run_without_class_images_has_no_pres(models, tmp_path):
