@@ -112,7 +112,8 @@ def _metrics(metrics, best):
         rows.append(f"<tr{mark}><td>{r.get('epoch')}{' (best)' if r is best else ''}</td><td>{r.get('step', '')}"
                     f"</td>{cells}</tr>")
     rule = (f"best epoch: {best['epoch']}, the highest DINO among the epochs whose CLIP-T is within the margin of "
-            "its maximum (evaluation.best_epoch)" if best else "no best epoch: no epoch has both DINO and CLIP-T")
+            "its maximum (evaluation.best_epoch; the dashed line in CLIP-T's plot is the lowest CLIP-T it allows)"
+            if best else "no best epoch: no epoch has both DINO and CLIP-T")
     plots = "".join(metric_chart(metrics, k, best).svg() for k in keys)
     return (f'<p>{html.escape(rule)}</p>\n<table class="metrics"><tr><th>epoch</th><th>step</th>{head}</tr>\n'
             + "\n".join(rows) + f'</table>\n<div class="plots">{plots}</div>')

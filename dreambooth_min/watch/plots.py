@@ -112,11 +112,11 @@ def nice_ticks(lo, hi, n=5):
 
 
 def tick_label(v, ticks):
-    """A tick's text with as many digits as the tick spacing needs (1e-4 and below in scientific notation)."""
+    """A tick's text with as many digits as the tick spacing needs (scientific notation below 0.01)."""
     step = abs(ticks[1] - ticks[0]) if len(ticks) > 1 else abs(v) or 1
     digits = -math.floor(math.log10(step) + 1e-9)  # decimals the spacing needs
-    if step < 1e-3 or abs(v) >= 1e6:
-        top = max(abs(t) for t in ticks)
+    top = max(abs(t) for t in ticks) or 1
+    if top < 1e-2 or top >= 1e6:  # learning rates
         return f"{v:.{max(0, digits + math.floor(math.log10(top) + 1e-9))}e}" if v else "0"
     return f"{v:.{max(0, digits)}f}"
 
@@ -212,7 +212,7 @@ def metric_panel(chart, box, records, key, best=None, margin=CLIP_T_MARGIN, x_ra
 
 def metric_chart(records, key, best=None, margin=CLIP_T_MARGIN, size=(300, 190)):
     chart = Chart(size, f"{NAMES[key]} per epoch")
-    metric_panel(chart, (56, 22, size[0] - 12, size[1] - 42), records, key, best, margin)
+    metric_panel(chart, (62, 22, size[0] - 12, size[1] - 42), records, key, best, margin)
     return chart
 
 
