@@ -123,3 +123,11 @@ def test_a_tiny_runs_page_in_chromium(tiny_sd1, tmp_path):
         seen = _opened(browser, report)
         assert [src for src, width in seen["images"] if not width] == ["samples/epoch_0001/1.png"]
         assert any("epoch_0001/1.png" in e for e in browser.console_errors())
+
+
+def test_a_run_without_validation_gets_its_page_too(tiny_sd1, tmp_path):
+    cfg = config(tmp_path, tiny_sd1["single"], steps=2, validate_every=0, prior_weight=0.0)
+    train(cfg)
+    html = (Path(cfg.output) / "report.html").read_text()
+    assert "finished at step 2" in html and "no validation images" in html and "<img" not in html
+    assert "<pre>model " in html and html.count("<svg") == 1
