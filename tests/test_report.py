@@ -131,3 +131,15 @@ def test_a_run_without_validation_gets_its_page_too(tiny_sd1, tmp_path):
     html = (Path(cfg.output) / "report.html").read_text()
     assert "finished at step 2" in html and "no validation images" in html and "<img" not in html
     assert "<pre>model " in html and html.count("<svg") == 1
+
+
+def test_a_full_disk_while_writing_the_page_is_a_warning(tiny_sd1, tmp_path, monkeypatch, capsys):
+    from test_faults import FullDisk
+
+    cfg = config(tmp_path, tiny_sd1["single"], steps=2, validate_every=0, prior_weight=0.0)
+    FullDisk(monkeypatch, "report.html")
+    assert not train(cfg)["interrupted"]
+    run = Path(cfg.output)
+    assert (run / "lora.safetensors").is_file() and not (run / "report.html").exists()
+    assert not list(run.glob(".*.tmp"))  # nothing half-written left behind
+    assert "warning: " + str(run / "report.html") + " not written (DiskFull" in capsys.readouterr().out

@@ -119,17 +119,16 @@ class RunFolder:
     def write_report(self, result=None, command="python train.py"):
         """report.html. At the end of a session `result` (training.train's) goes to events.jsonl first:
         finished, or interrupted with its checkpoint and the command that continues it. A page that cannot
-        be written is a warning (a full disk stops the run as everywhere else): the training matters more."""
-        if result is not None and result["interrupted"]:
-            checkpoint = f"checkpoints/{Path(result['lora']).parent.name}" if result["lora"] else "none"
-            self.note("interrupted", step=result["step"], checkpoint=checkpoint,
-                      resume=f"{command} --resume {self.path}")
-        elif result is not None:
-            self.note("finished", step=result["step"])
+        be written, even for a full disk, is a warning: the LoRA and checkpoints matter, and a full disk
+        stops the run at its next write of those."""
         try:
+            if result is not None and result["interrupted"]:
+                checkpoint = f"checkpoints/{Path(result['lora']).parent.name}" if result["lora"] else "none"
+                self.note("interrupted", step=result["step"], checkpoint=checkpoint,
+                          resume=f"{command} --resume {self.path}")
+            elif result is not None:
+                self.note("finished", step=result["step"])
             write_report(self.path)
-        except DiskFull:
-            raise
         except Exception as e:
             tqdm.write(f"warning: {self.path / 'report.html'} not written ({type(e).__name__}: {e})")
 

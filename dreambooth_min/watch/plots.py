@@ -176,17 +176,20 @@ def loss_chart(records, size=(800, 400), marks=()):
     w, h = size
     chart = Chart(size, "training loss and learning rate per step")
     rows = [r for r in records if isinstance(r.get("step"), int) and finite(r.get("loss"))]
+    every = max(1, len(rows) // 2000)  # a long run: every k-th step drawn (the average still sees them all)
     steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
     x_range = (min(steps, default=0), max(max(steps, default=1), min(steps, default=0) + 1))
     split = int(h * 0.66)
-    loss_series = [("loss per step", steps, losses, RAW, 1, False),
-                   ("moving average (0.9)", steps, moving_average(losses), SMOOTH, 2, False)]
+    loss_series = [("loss per step", steps[::every], losses[::every], RAW, 1, False),
+                   ("moving average (0.9)", steps[::every], moving_average(losses)[::every], SMOOTH, 2, False)]
     panel(chart, (70, 24, w - 20, split - 44), loss_series if rows else [], "optimizer step",
           "loss (MSE of the prediction)", x_range, marks=marks)
-    lr_rows = [r for r in rows if finite(r.get("lr"))]
-    panel(chart, (70, split + 6, w - 20, h - 44), [("learning rate", [r["step"] for r in lr_rows],
-                                                      [r["lr"] for r in lr_rows], LR, 2, False)],
-          "optimizer step", "learning rate", x_range)
+    lr_rows = [r for r in rows[::every] if finite(r.get("lr"))]
+    prodigy = any(finite(r.get("prodigy_d")) for r in lr_rows)  # Prodigy's step is about d * lr
+    name = "learning rate x Prodigy's d" if prodigy else "learning rate"
+    panel(chart, (70, split + 6, w - 20, h - 44), [(name, [r["step"] for r in lr_rows],
+                                                      [r["lr"] * r.get("prodigy_d", 1.0) for r in lr_rows], LR, 2,
+                                                      False)], "optimizer step", name, x_range)
     if not rows:
         chart.text((w / 2, split / 2), "no steps logged yet", anchor="mm")
     return chart
