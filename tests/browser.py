@@ -9,6 +9,7 @@ Chromium reads the protocol's JSON messages, each ended by a NUL byte, on its fd
 import base64
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -51,7 +52,7 @@ class Browser:
     def _read(self, timeout):
         deadline = time.time() + timeout
         while b"\0" not in self._buffer:
-            if time.time() > deadline:
+            if not select.select([self._from_chrome], [], [], max(deadline - time.time(), 0))[0]:
                 raise TimeoutError("Chromium did not answer")
             chunk = os.read(self._from_chrome, 1 << 16)
             if not chunk:

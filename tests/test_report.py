@@ -28,7 +28,7 @@ def test_loss_chart_has_axes_ticks_and_a_legend_in_svg_and_png(tmp_path):
     records = [{"step": s, "epoch": s / 3, "loss": 1.0 / s, "lr": 1e-4 * s / 6} for s in range(1, 7)]
     chart = plots.loss_chart(records, marks=[(3, "resumed")])
     svg = chart.svg()
-    for text in ("optimizer step", "loss (MSE of the prediction)", "learning rate", "loss per step",
+    for text in ("optimizer step", "loss (MSE of the prediction)", ">learning rate<", "loss per step",
                  "moving average (0.9)", "resumed", ">1.0<", ">0.5<", ">6<", ">1.0e-04<"):
         assert text in svg, text
     lines = [s for s in chart.shapes if s[0] == "line" and s[2] == plots.RAW]

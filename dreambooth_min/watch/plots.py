@@ -151,14 +151,11 @@ def panel(chart, box, series, x_label, y_label, x_range=None, legend=True, marks
         if len(points) == 1 or 1 < len(points) <= 30 and width > 1:  # few points: each one shows
             for px, py in points:
                 chart.rect((px - 2, py - 2, px + 2, py + 2), fill=colour)
-    if legend:
-        named = [s for s in series if s[0]]
-        if named:
-            chart.rect((right - 156, top + 3, right - 4, top + 6 + 16 * len(named)), outline=GRID, fill="#ffffff")
-        for i, (label, _, _, colour, width, dashed) in enumerate(named):
-            y = top + 12 + 16 * i
-            chart.line([(right - 150, y), (right - 126, y)], colour, max(width, 2), dashed)
-            chart.text((right - 120, y), label, anchor="lm")
+    x = right
+    for label, _, _, colour, width, dashed in reversed([s for s in series if s[0]] if legend else []):
+        x -= 34 + 6.5 * len(label)  # above the frame, right-aligned: it never hides a curve
+        chart.line([(x, top - 10), (x + 22, top - 10)], colour, max(width, 2), dashed)
+        chart.text((x + 26, top - 6), label, anchor="ls")
     return fx, fy
 
 
@@ -189,7 +186,7 @@ def loss_chart(records, size=(800, 400), marks=()):
     name = "learning rate x Prodigy's d" if prodigy else "learning rate"
     panel(chart, (70, split + 6, w - 20, h - 44), [(name, [r["step"] for r in lr_rows],
                                                       [r["lr"] * r.get("prodigy_d", 1.0) for r in lr_rows], LR, 2,
-                                                      False)], "optimizer step", name, x_range)
+                                                      False)], "optimizer step", name, x_range, legend=False)
     if not rows:
         chart.text((w / 2, split / 2), "no steps logged yet", anchor="mm")
     return chart
