@@ -114,7 +114,8 @@ class RunFolder:
 
     def note(self, event, **facts):
         """A line in events.jsonl: the run was interrupted, resumed or finished (report.html shows them)."""
-        append_jsonl(self.events_path, {"event": event, "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())} | facts)
+        now = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        append_jsonl(self.events_path, {"event": event, "time": now} | facts)
 
     def write_report(self, result=None, command="python train.py"):
         """report.html. At the end of a session `result` (training.train's) goes to events.jsonl first:

@@ -17,7 +17,7 @@ from urllib.parse import quote
 from PIL import Image
 
 from ..formats.safetensors_io import atomic_path
-from .evaluation import METRICS, best_epoch, finite
+from .evaluation import CLIP_T_MARGIN, METRICS, best_epoch, finite
 from .finished_run import epoch_step
 from .plots import NAMES, loss_chart, metric_chart
 from .report import read_jsonl
@@ -33,30 +33,32 @@ tr.best{background:#fff4c2;font-weight:bold}.prompt{max-width:260px}
 EPOCH_DIR = "epoch_"
 
 
-def write_report(run):
-    """Write RUN/report.html (atomically) from what the run folder holds now; returns its path."""
+def write_report(run, margin=CLIP_T_MARGIN):
+    """Write RUN/report.html (atomically) from what the run folder holds now; returns its path. `margin`:
+    the best-epoch rule's (evaluate.py --margin)."""
     run = Path(run)
     path = run / "report.html"
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(render(run), encoding="utf-8")
+        Path(tmp).write_text(render(run, margin), encoding="utf-8")
     return path
 
 
-def render(run):
+def render(run, margin=CLIP_T_MARGIN):
     run = Path(run)
     config = _read_config(run)
     records, events = read_jsonl(run / "log.jsonl"), read_jsonl(run / "events.jsonl")
     metrics = read_jsonl(run / "metrics.jsonl")
-    best = best_epoch(metrics)
+    best = best_epoch(metrics, margin)
     body = [f"<h1>Run {html.escape(run.name)}</h1>", _status(run, records, events),
             _section("Plan", _plan(run)), _section("Loss", _loss(records, events)),
-            _section("Metrics", _metrics(metrics, best)) if metrics else "",
+            _section("Metrics", _metrics(metrics, best, margin)) if metrics else "",
             _section("Validation images", _epochs(run, config, records, metrics, best)),
             _section("LoRA", _lora(run, config)), _section("Stops and resumptions", _history(events)) if events else "",
             _section("Files", _files(run))]
+    written = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(run.name)}: '
             f"dreambooth_min run</title>\n<style>{STYLE}</style></head>\n<body>\n" + "\n".join(b for b in body if b)
-            + f'\n<p class="muted">written {time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())} by dreambooth_min</p>\n</body></html>\n')
+            + f'\n<p class="muted">written {written} by dreambooth_min</p>\n</body></html>\n')
 
 
 def _section(title, content):
@@ -102,19 +104,19 @@ def _loss(records, events):
             "step; the learning rate is the one each step used</p>")
 
 
-def _metrics(metrics, best):
+def _metrics(metrics, best, margin):
     keys = [k for k in METRICS if any(finite(r.get(k)) for r in metrics)]
     head = "".join(f"<th>{NAMES[k]}</th>" for k in keys)
     rows = []
     for r in sorted(metrics, key=lambda r: r.get("epoch", 0)):
         mark = ' class="best"' if r is best else ""
         cells = "".join(f"<td>{r[k]:.4f}</td>" if finite(r.get(k)) else "<td>-</td>" for k in keys)
-        rows.append(f"<tr{mark}><td>{r.get('epoch')}{' (best)' if r is best else ''}</td><td>{r.get('step', '')}"
-                    f"</td>{cells}</tr>")
-    rule = (f"best epoch: {best['epoch']}, the highest DINO among the epochs whose CLIP-T is within the margin of "
+        epoch, step = html.escape(str(r.get("epoch"))), html.escape(str(r.get("step", "")))
+        rows.append(f"<tr{mark}><td>{epoch}{' (best)' if r is best else ''}</td><td>{step}</td>{cells}</tr>")
+    rule = (f"best epoch: {best['epoch']}, the highest DINO among the epochs whose CLIP-T is within {margin:g} of "
             "its maximum (evaluation.best_epoch; the dashed line in CLIP-T's plot is the lowest CLIP-T it allows)"
             if best else "no best epoch: no epoch has both DINO and CLIP-T")
-    plots = "".join(metric_chart(metrics, k, best).svg() for k in keys)
+    plots = "".join(metric_chart(metrics, k, best, margin).svg() for k in keys)
     return (f'<p>{html.escape(rule)}</p>\n<table class="metrics"><tr><th>epoch</th><th>step</th>{head}</tr>\n'
             + "\n".join(rows) + f'</table>\n<div class="plots">{plots}</div>')
 
