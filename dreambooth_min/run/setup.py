@@ -72,10 +72,13 @@ def prepare(cfg, resume, log):
         log(f"warning: {w}")
     class_dir = Path(cfg.class_dir) if cfg.class_dir else default_class_dir(sd.name, class_prompt, res)
     setup = Setup(sd, hardware, run, res, prompt, class_prompt, validation_prompt, captions, None)
-    if not resume:
-        log(plan(cfg, setup, len(images), class_dir, default_model))
+    plan_text = None if resume else plan(cfg, setup, len(images), class_dir, default_model)
+    if plan_text:
+        log(plan_text)
     if dist.is_main():  # rank 0 alone writes the run folder
         run.create()
+        if plan_text:
+            run.write_plan(plan_text)  # for report.html
     try:
         config, resolved = config_record(cfg, setup, cfg.model)
         if dist.is_main():

@@ -28,7 +28,12 @@ from .setup import prepare
 from .state import TrainingState, save_checkpoint
 
 
-validate_on_main = dist.main_only(validate)  # rank 0 draws and writes the samples; the others wait for it
+def validate_and_report(cfg, setup, epoch, step=0):
+    validate(cfg, setup, epoch, step)
+    setup.run.write_report()  # report.html shows the new row (and metrics)
+
+
+validate_on_main = dist.main_only(validate_and_report)  # rank 0 draws and writes the samples; the others wait
 
 
 class Interrupted(Exception):
@@ -66,7 +71,10 @@ def train(cfg, resume=False, stop_after=None, log=tqdm.write):
         validate_on_main(cfg, setup, epoch=0)
     with guarded(cfg, setup, state, total_steps):  # out of memory, a full disk: one line and a checkpoint
         interrupted = run_loop(cfg, setup, state, total_steps, micro_per_epoch, stop_after)
-        return finish(cfg, setup, state, total_steps, interrupted, log)
+        result = finish(cfg, setup, state, total_steps, interrupted, log)
+        if dist.is_main():
+            setup.run.write_report(result, dist.command())  # report.html: the run on one page
+        return result
 
 
 def finish(cfg, setup, state, total_steps, interrupted, log):
@@ -86,8 +94,8 @@ def finish(cfg, setup, state, total_steps, interrupted, log):
             pivotal.save(embedding, state.embeddings, cfg, setup.sd, state.step)
     samples = f"samples in {setup.run.samples}; " if cfg.validate_every or cfg.eval_every else ""
     log(f"done: {state.step} step{'s' * (state.step != 1)}; LoRA in {setup.run.lora_path}; "
-        f"{f'embedding in {embedding}; ' if embedding else ''}{samples}loss plot "
-        f"{setup.run.path / 'loss.png'}; try: python sample.py --model {cfg.model} --lora {setup.run.lora_path} "
+        f"{f'embedding in {embedding}; ' if embedding else ''}{samples}the run on one page: "
+        f"{setup.run.path / 'report.html'}; try: python sample.py --model {cfg.model} --lora {setup.run.lora_path} "
         f"{f'--embedding {embedding} ' if embedding else ''}"
         f"--prompt \"{setup.prompt} on the beach\" --height {setup.resolution} --width {setup.resolution}")
     return {"output": setup.run.path, "lora": setup.run.lora_path, "step": state.step, "interrupted": False}
