@@ -213,3 +213,22 @@ def test_a_process_keeps_its_rows_masks(monkeypatch):
         monkeypatch.setattr(dist, "_rank", rank)
         local, _ = dist.local_batch(batch)
         assert torch.equal(local.mask[:, 0, 0, 0], local.latents[:, 0, 0, 0]) and len(local.mask) == 2
+
+
+def test_torchrun_with_buckets_and_masks_equals_one_process(tiny_sd1, tmp_path):
+    """Two processes with batch 1 == one with batch 2, with buckets (a global batch of 2 from the square bucket,
+    of 1 from each single: one process then has no rows) and masks."""
+    from test_distributed import launch, lora_difference
+
+    images = _photos(tmp_path / "images", [(128, 128), (200, 80), (80, 200), (130, 120)])
+    _masks(images, lambda w, h: np.where(np.arange(w) < w // 3, 64, 255).astype(np.uint8)[None].repeat(h, 0))
+    args = ["--images", str(images), "--model", str(tiny_sd1["single"]), "--class-noun", "dog", "--resolution", "128",
+            "--aspect-buckets", "--num-class-images", "3", "--class-steps", "2", "--class-dir", str(tmp_path / "c"),
+            "--steps", "3", "--validate-every", "0", "--save-every", "0", "--lr", "1e-3", "--seed", "3"]
+    runs = tmp_path / "runs"
+    one = launch(tmp_path, args + ["--batch-size", "2", "--output", str(runs / "one")], 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = launch(tmp_path, args + ["--batch-size", "1", "--output", str(runs / "two")], 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    difference = lora_difference(runs / "one" / "lora.safetensors", runs / "two" / "lora.safetensors")
+    assert difference < 1e-4, difference
