@@ -4,8 +4,8 @@ DreamBooth fine-tunes the denoiser on a few photos of one subject, captioned "a 
 prior-preservation term keeps it able to draw other dogs. With x the subject's latents, c their caption,
 x_pr the frozen model's own class images ("a photo of dog", caption c_pr), and x_t = sqrt(a_t) x + sqrt(1 - a_t) eps:
 
-    L = E_{x,c,eps,t}[ w_t || x̂(x_t, c) - y ||_m^2 ]  +  lambda * E_{x_pr,c_pr,eps',t'}[ w_t' || x̂(x'_t', c_pr) - y' ||^2 ]
-        (eq. 1: the subject)                               (eq. 2 adds this: the class prior)
+    L = E_{x,c,eps,t}[ w_t ||x̂(x_t, c) - y||_m^2 ]  +  lambda * E_{x_pr,c_pr,eps',t'}[ w_t' ||x̂(x'_t', c_pr) - y'||^2 ]
+        (eq. 1: the subject)                             (eq. 2 adds this: the class prior)
 
 where the target y is the noise eps or the velocity v, whichever the model predicts (scheduler.Epsilon /
 Velocity), and w_t = 1, or min-SNR-gamma (Hang et al. 2023). ||e||^2 is the mean of e^2 over the latent's
@@ -65,7 +65,7 @@ def dreambooth_loss(pred, target, n_instance, prior_weight, weights=None, mask=N
     error = F.mse_loss(pred.float(), target.float(), reduction="none")
     if mask is None:
         per_row = error.mean(dim=(1, 2, 3))
-    else:  # the mean of m e^2 over channels and pixels, over the mean of m over pixels
+    else:  # mean(m e^2) over channels and pixels / mean(m) over pixels; a row black in its crop counts 0, not NaN
         per_row = (error * mask).mean(dim=(1, 2, 3)) / mask.mean(dim=(1, 2, 3)).clamp_min(1e-12)
     if weights is not None:
         per_row = per_row * weights

@@ -191,7 +191,7 @@ def test_buckets_and_masks_train_and_resume_byte_for_byte(version, tmp_path, req
     a = train(config(tmp_path / "a", model, **kw))
     plan = capsys.readouterr().out
     assert "buckets     128x128: 2 photos, 192x64: 1 photo, 64x192: 1 photo (width x height)" in plan, plan
-    assert "masks from name.mask.png" in plan and "4 of 'a photo of dog' in" in plan and "in 3 sizes" in plan
+    assert "masks from name.mask.png" in plan and "4 of 'a photo of dog' in" in plan and "in 3 sizes (a share per bucket)" in plan
     # Class images in proportion to the photos, at their bucket's size (the square one in class_dir itself).
     sizes = {p.parent.name: Image.open(p).size for p in (tmp_path / "class").rglob("*.png")}
     assert len(list((tmp_path / "class").glob("*.png"))) == 2 and sizes["192x64"] == (192, 64)

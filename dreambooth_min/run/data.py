@@ -244,7 +244,7 @@ class LatentCache:
     """
 
     def __init__(self, vae, images, flip=True, sizes=None, masks=None):
-        self.vae, self.images, self.views = vae, images, 2 if flip else 1  # images: [N, 3, H, W], or a list of [3, H, W]
+        self.vae, self.images, self.views = vae, images, 2 if flip else 1  # [N, 3, H, W], or a list of [3, H, W]
         self.scaling_factor = vae.scaling_factor
         self.posteriors = {}  # (image, view) -> (mean, std) [4, h, w]
         self.sizes = sizes  # SDXL: [N, 6] photo_time_ids of the images (a mirror image has its original's); else None

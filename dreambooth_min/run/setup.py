@@ -38,7 +38,7 @@ class Setup:
     validation_prompt: str
     captions: list
     instance_latents: object  # data.LatentCache
-    class_latents: object = None  # data.LatentCache, or None without prior preservation
+    class_latents: object = None  # data.LatentCache ({bucket: LatentCache} with --aspect-buckets); None: no prior
     monitor: object = None  # watch/validation.Monitor: tracker and evaluators
     lora_tensors: object = None  # () -> the LoRA's tensors now (for lora_best.safetensors)
     buckets: list = None  # --aspect-buckets: each photo's bucket (H, W); None: all R x R
@@ -126,7 +126,8 @@ def latents(cfg, setup, photos, class_dir):
     sd, res = setup.sd, setup.resolution
     class_latents = None
     if cfg.use_prior:
-        pools = {size: class_cache(cfg, setup, folder, n, size) for size, folder, n in class_sets(cfg, setup, class_dir)}
+        pools = {size: class_cache(cfg, setup, folder, n, size)
+                 for size, folder, n in class_sets(cfg, setup, class_dir)}
         class_latents = pools if setup.buckets else pools[res, res]
     targets = [tuple(x.shape[-2:]) for x in photos.images]
     sizes = photo_time_ids(photos.sizes, res, targets) if sd.version == "sdxl" else None
@@ -166,7 +167,7 @@ def plan(cfg, setup, n_images, class_dir, default_model=False):
     epochs = steps * cfg.grad_accum / micro
     sets = class_sets(cfg, setup, class_dir) if cfg.use_prior else []
     have, wanted = sum(sum(p.exists() for p in class_image_paths(f, n)) for _, f, n in sets), sum(n for *_, n in sets)
-    sizes = f" in {len(sets)} sizes (a share per bucket)" if setup.buckets else ""
+    sizes = f" in {plural(len(sets), 'size')} (a share per bucket)" if setup.buckets else ""
     prior = (f"{wanted} of {setup.class_prompt!r} in {class_dir}{sizes} ({have} cached, "
              f"{wanted - have} to draw with {cfg.class_steps} DDIM steps each)"
              if cfg.use_prior else "none (--no-prior)")
@@ -176,8 +177,9 @@ def plan(cfg, setup, n_images, class_dir, default_model=False):
         if sd.random_note else ""
     vae, text_encoders = _family_notes(sd, hw)
     lines = [f"model       {cfg.model} ({sd.version}, {sd.prediction_type}){random}",
-             f"photos      {n_images} from {cfg.images}, {setup.resolution} px{' (aspect buckets)' * bool(setup.buckets)}, "
-             f"flips {'on' if cfg.flip else 'off'}" + (f", masks from {cfg.masks or 'name.mask.png'}" if setup.masked else ""),
+             f"photos      {n_images} from {cfg.images}, {setup.resolution} px"
+             f"{' (aspect buckets)' * bool(setup.buckets)}, flips {'on' if cfg.flip else 'off'}"
+             + (f", masks from {cfg.masks or 'name.mask.png'}" if setup.masked else ""),
              *([f"buckets     {describe_buckets(setup.buckets)}"] if setup.buckets else []),
              f"learns      {setup.prompt!r}{noun}",
              f"prior       {prior}",
