@@ -9,8 +9,8 @@ x_pr the frozen model's own class images ("a photo of dog", caption c_pr), and x
 
 where the target y is the noise eps or the velocity v, whichever the model predicts (scheduler.Epsilon /
 Velocity), and w_t = 1, or min-SNR-gamma (Hang et al. 2023). ||e||^2 is the mean of e^2 over the latent's
-values; ||e||_m^2 = sum_p m_p e_p^2 / sum_p m_p weights it by the photo's mask m on the latent grid (m = 1,
-no mask, is the plain mean; class images are never masked). Only LoRA factors are trained (lora.py).
+values; ||e||_m^2 = sum_p m_p e_p^2 / sum_p m_p (e_p^2: the mean over channels at latent pixel p) weights it by
+the photo's mask m on the latent grid (m = 1 is the plain mean; class rows are never masked). LoRA only (lora.py).
 """
 from dataclasses import dataclass
 
