@@ -47,6 +47,10 @@ class TrainConfig:
     resolution: int = option(0, "training size in pixels (0: 512 for SD 1.x and 2.x-base, 768 for SD 2.x "
                                 "v-models, 1024 for SDXL)", SUBJECT)
     flip: bool = option(True, "no random horizontal flips: for asymmetric subjects (text, logos)", SUBJECT)
+    aspect_buckets: bool = option(False, "train photos of any shape whole, resized into buckets of about "
+                                         "--resolution^2 pixels (sides multiples of 64), not centre-cropped", SUBJECT)
+    masks: str = option("", "a folder of loss masks, DIR/name.png (or name.mask.png) for name.jpg: white is learnt, "
+                            "black ignored (default: name.mask.png beside a photo, if any)", SUBJECT, metavar="DIR")
 
     prior_weight: float = option(1.0, "lambda, the weight of the class-image loss; 0 (or --no-prior) trains on "
                                       "the subject's photos alone", PRIOR, alias=("--no-prior", 0.0))
@@ -165,9 +169,10 @@ class TrainConfig:
             if problem:
                 raise SettingError("token", problem)
 
-    def schedule_length(self, n_images):
-        """(micro-batches per epoch, optimizer steps in the run) for `n_images` photos."""
-        micro_per_epoch = math.ceil(n_images / min(self.batch_size, n_images))
+    def schedule_length(self, n_images, bucket_sizes=None):
+        """(micro-batches per epoch, optimizer steps in the run) for `n_images` photos; with --aspect-buckets
+        each batch comes from one bucket, and `bucket_sizes` are the photos in each."""
+        micro_per_epoch = sum(math.ceil(n / min(self.batch_size, n)) for n in bucket_sizes or [n_images])
         return micro_per_epoch, self.steps or math.ceil(self.epochs * micro_per_epoch / self.grad_accum)
 
     @property

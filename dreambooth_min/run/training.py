@@ -22,6 +22,7 @@ from ..lora import TEXT_TARGETS, inject_lora
 from ..watch.validation import Monitor, report_step, validate
 from . import distributed as dist
 from . import pivotal
+from .buckets import bucket_sizes, epoch_batch
 from .data import epoch_order
 from .faults import guarded
 from .setup import prepare
@@ -56,7 +57,8 @@ def train(cfg, resume=False, stop_after=None, log=tqdm.write):
     setup = prepare(cfg, resume, log)
     log = dist.main_log(log)  # under torchrun rank 0 speaks for all
     unet_loras, text_loras, text_loras_2 = add_lora(cfg, setup.sd)
-    micro_per_epoch, total_steps = dist.schedule_length(cfg, len(setup.instance_latents))  # global batches
+    micro_per_epoch, total_steps = dist.schedule_length(cfg, len(setup.instance_latents),  # global batches
+                                                        bucket_sizes(setup.buckets))
     embeddings = pivotal.start(cfg, setup.sd, setup.captions, log) if cfg.pivotal else None  # --pivotal's tokens
     state = TrainingState(cfg, unet_loras, text_loras, setup.hardware.grad_scaler(), total_steps, text_loras_2,
                           kohya_unet_paths(setup.sd.unet), embeddings)
@@ -114,9 +116,9 @@ def run_loop(cfg, setup, state, total_steps, micro_per_epoch, stop_after=None):
     try:
         for micro in range(state.step * cfg.grad_accum, total_steps * cfg.grad_accum):
             epoch, pos = divmod(micro, micro_per_epoch)
-            index = epoch_order(n, cfg.seed, epoch)[pos * bs:(pos + 1) * bs]
+            index = epoch_batch(epoch_order(n, cfg.seed, epoch), pos, bs, setup.buckets)  # one bucket's photos
             batch, share = dist.local_batch(assemble_batch(
-                setup.instance_latents, setup.captions, index, setup.class_latents, setup.class_prompt,
+                setup.instance_latents, setup.captions, index, setup.class_latents_for(index), setup.class_prompt,
                 state.generator, cfg.offset_noise))
             parts = micro_step(cfg, setup, state, batch, contexts, share)
             running = parts if running is None else running + parts  # the mean over the micro-batches
