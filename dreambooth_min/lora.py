@@ -149,13 +149,17 @@ def channel_norm(w, axis):
     return torch.linalg.vector_norm(w, dim=[d for d in range(w.dim()) if d != keep], keepdim=True)
 
 
+def dora_axis(magnitude, shape):
+    """The axis of a magnitude shaped like channel_norm's result for a weight of `shape`: [out, 1, ...] is "out"."""
+    return "out" if magnitude.shape[0] == shape[0] and magnitude.numel() == shape[0] else "in"
+
+
 def dora_weight(w, delta, magnitude, strength=1.0):
     """DoRA's merged weight W + s (m (W + dW) / ||W + dW|| - W) in fp32 (eq. 5 at strength s: s = 0 is the base,
     s = 1 the DoRA, linear in between, as A1111 and ComfyUI apply a strength). `magnitude` is shaped like
     channel_norm's result, which tells its axis."""
     v = w.float() + delta
-    axis = "out" if magnitude.shape[0] == w.shape[0] and magnitude.numel() == w.shape[0] else "in"
-    return w.float() + strength * (v * (magnitude.float() / channel_norm(v, axis)) - w.float())
+    return w.float() + strength * (v * (magnitude.float() / channel_norm(v, dora_axis(magnitude, w.shape))) - w.float())
 
 
 class DoRALinear(LoRALinear):
