@@ -240,7 +240,7 @@ def apply_lora(unet, text_encoder, tensors, scale=1.0, merge=True, metadata=None
             raise UserError(f"LoRA module {key} has a lora_mid (CP-decomposed LoCon): pass merge=True")
         axis = None if dora is None else dora_axis(dora, module.weight.shape)
         lora = make_wrapper(module, rank, alpha, multiplier=scale, dora=axis)
-        for t, saved in ((lora.lora_down.weight, down), (lora.lora_up.weight, up)) + ((lora.magnitude, dora),) * bool(axis):
+        for t, saved in zip(lora.trainable(), (down, up, dora)):  # DoRA: the magnitude is third
             t.copy_(saved.reshape(t.shape))
         parent, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent), child, lora)
