@@ -13,7 +13,7 @@ from dreambooth_min.formats.checkpoint import load
 from dreambooth_min.formats.lora_apply import apply_lora
 from dreambooth_min.formats.lora_file import load_lora, lora_state_dict
 from dreambooth_min.formats.lora_names import kohya_name
-from dreambooth_min.lora import DoRAConv2d, DoRALinear, channel_norm, inject_lora, lora_parameters
+from dreambooth_min.lora import DoRAConv2d, DoRALinear, channel_norm, inject_lora
 from dreambooth_min.run.ema import EMA
 from dreambooth_min.run.training import add_lora, train
 

@@ -150,7 +150,8 @@ def plan(cfg, setup, n_images, class_dir, default_model=False):
                                                           if cfg.validate_every else " off"),
              f"training    {plural(steps, 'step')} ({plural(epochs, 'epoch')}), {'Do' if cfg.dora else 'Lo'}RA rank "
              f"{cfg.rank} on {','.join(cfg.lora_targets)}{text_encoders if cfg.train_text_encoder else ''}"
-             + (f", a magnitude per {cfg.dora}put channel" if cfg.dora else ""),
+             + (f", a magnitude per {cfg.dora}put channel" if cfg.dora else "")
+             + (" (peft's axis; for A1111 and ComfyUI use --dora in)" if cfg.dora == "out" else ""),
              *([f"ema         average of the LoRA, decay {cfg.ema_decay:g}: validation and lora.safetensors use it, "
                 "the last step's is lora_raw.safetensors"] if cfg.ema_decay else []),
              f"optimizer   {describe_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.prodigy_d_coef)}",
