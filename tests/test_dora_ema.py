@@ -70,6 +70,23 @@ def test_dora_closed_form(axis, layer):
     assert (grads[1] - grads[0]).abs().max() > 1e-3 * grads[0].abs().max()  # detaching is a choice that shows
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("axis", ["out", "in"])
+def test_dora_fp16_base_with_autocast_and_gradscaler(axis, device):
+    """fp16 frozen base, fp32 factors and magnitudes (they stay fp32 through .half()), autocast + GradScaler."""
+    from test_lora import UNET_TARGETS, _amp_steps, tiny
+
+    model = tiny().to(device)
+    loras = inject_lora(model, UNET_TARGETS + ("proj_in",), rank=4, alpha=4, dora=axis)
+    start = {k: m.magnitude.detach().clone() for k, m in loras.items()}
+    model.half()
+    assert all(m.magnitude.dtype == torch.float32 and m.base.weight.dtype == torch.float16 for m in loras.values())
+    _amp_steps(model, loras, device)
+    assert all(torch.isfinite(m.magnitude).all() and m.lora_up.weight.abs().sum() > 0 for m in loras.values())
+    assert all((m.magnitude - start[k]).abs().max() > 0 for k, m in loras.items())
+
+
 def test_ema_closed_form_and_swap():
     """shadow_t = d_t shadow + (1 - d_t) p_t with d_t = min(decay, (1 + t) / (10 + t)); applied() swaps and restores."""
     p = nn.Parameter(torch.zeros(3))
