@@ -67,7 +67,8 @@ def comfyui_decompose(root):
 def a1111_module_class(root):
     """A1111's NetworkModule class (its methods), executed from its own source."""
     path = _source(root, ["extensions-builtin/Lora/network.py"])
-    node = next(n for n in ast.parse(path.read_text()).body if isinstance(n, ast.ClassDef) and n.name == "NetworkModule")
+    node = next(n for n in ast.parse(path.read_text()).body
+                if isinstance(n, ast.ClassDef) and n.name == "NetworkModule")
     namespace = {"torch": torch}
     exec(_compiled(path, node), namespace)
     return path, namespace["NetworkModule"]

@@ -159,7 +159,8 @@ def dora_weight(w, delta, magnitude, strength=1.0):
     s = 1 the DoRA, linear in between, as A1111 and ComfyUI apply a strength). `magnitude` is shaped like
     channel_norm's result, which tells its axis."""
     v = w.float() + delta
-    return w.float() + strength * (v * (magnitude.float() / channel_norm(v, dora_axis(magnitude, w.shape))) - w.float())
+    direction = v / channel_norm(v, dora_axis(magnitude, w.shape))
+    return w.float() + strength * (magnitude.float() * direction - w.float())
 
 
 class DoRALinear(LoRALinear):
@@ -167,9 +168,9 @@ class DoRALinear(LoRALinear):
 
     The direction (W + dW) / ||W + dW|| is normalised per channel and rescaled by a learnt magnitude m, one per
     output channel (axis "out", ||.|| over each row's inputs and kernel: peft, LyCORIS' default) or per input
-    channel (axis "in", over each column's outputs: the paper's column norm as A1111 and ComfyUI read it).
+    channel (axis "in", over each column's outputs and kernel: how A1111 and ComfyUI read the file best).
     m starts at the base weight's norms, and B at 0, so training starts exactly at the base model. The norm is
-    detached (sec. 4.3): a constant in backward, which the paper shows saves memory at no loss of accuracy.
+    detached (sec. 4.3): a constant in backward, which saves memory at a negligible cost in accuracy.
     A strength s != 1 gives W + s (W' - W), as in dora_weight. Stored as LyCORIS' `dora_scale` ([out, 1(, 1, 1)]
     or [1, in(, 1, 1)]): `magnitude` has that shape.
     """
@@ -190,15 +191,20 @@ class DoRALinear(LoRALinear):
         return g.view(1, -1, 1, 1) if isinstance(self.base, nn.Conv2d) else g
 
     def forward(self, x):
-        y = self.base(x)
         if self.merged or self.multiplier == 0:
-            return y
+            return self.base(x)
         g = self.gain()
         if self.axis == "in":  # W' x = (W + dW) (g x): the input channels scaled
             xs = x * g.to(x.dtype)
-            dora = self.base(xs) + self.scale * self.lora_up(self.lora_down(xs.to(self.lora_dtype))).to(y.dtype)
+            z = self.scale * self.lora_up(self.lora_down(xs.to(self.lora_dtype)))
+            dora = self.base(xs)
+            dora = dora + z.to(dora.dtype)
+            if self.multiplier == 1:
+                return dora
+            y = self.base(x)
         else:  # W' x = g (W x + dW x): the output channels scaled, the bias not
-            bias = 0 if self.base.bias is None else self.base.bias.view(g.shape[1:]) if g.dim() == 4 else self.base.bias
+            y = self.base(x)
+            bias = 0 if self.base.bias is None else self.base.bias.view(-1, *g.shape[2:])
             z = self.scale * self.lora_up(self.lora_down(x.to(self.lora_dtype)))
             dora = (g * (y - bias + z.to(y.dtype))).to(y.dtype) + bias
         return y + self.multiplier * (dora - y)
