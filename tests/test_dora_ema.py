@@ -108,12 +108,19 @@ def test_ema_closed_form_and_swap():
     assert again.decay == 0.9 and again.updates == 30 and torch.equal(again.shadow[0], ema.shadow[0])
 
 
-def test_dora_ema_run_resumes_byte_identically(tiny_sd1, tmp_path):
+def test_dora_ema_run_resumes_byte_identically(tiny_sd1, tmp_path, monkeypatch):
     """train.py --dora --ema-decay, with LoCon convs and the text encoder: Ctrl-C + --resume writes the same
     lora.safetensors and lora_raw.safetensors as an uninterrupted run, byte for byte; lora.safetensors is the
-    average of the checkpoints' factors (closed form), with dora_scale keys of LyCORIS' shape."""
+    average of the checkpoints' factors (closed form), with dora_scale keys of LyCORIS' shape; validation
+    (at the end of epoch 1, step 3) sees the average."""
+    from dreambooth_min.run import training
+
+    seen = {}
+    monkeypatch.setattr(training, "validate_on_main", lambda cfg, setup, epoch, step=0: seen.setdefault(
+        (cfg.output, step), {k: v.clone() for k, v in setup.lora_tensors().items()}))
     kw = dict(steps=4, dora="out", ema_decay=0.9, save_every=1, keep_checkpoints=10, prior_weight=0.0,
-              lora_targets=("to_q", "to_k", "to_v", "to_out.0", "conv1"), conv_rank=2, train_text_encoder=True)
+              lora_targets=("to_q", "to_k", "to_v", "to_out.0", "conv1"), conv_rank=2, train_text_encoder=True,
+              validate_every=1)
     whole = train(config(tmp_path / "a", tiny_sd1["single"], **kw), **QUIET)
     cfg = config(tmp_path / "b", tiny_sd1["single"], **kw)
     train(cfg, stop_after=2, **QUIET)
@@ -136,6 +143,10 @@ def test_dora_ema_run_resumes_byte_identically(tiny_sd1, tmp_path):
                                      else Path("lora_raw.safetensors")))
         d = min(0.9, (1 + t) / (10 + t))
         average = {key: d * v + (1 - d) * step[key] if "alpha" not in key else v for key, v in average.items()}
+        if t == 2:  # what validation drew with after step 3
+            validated = seen[(str(tmp_path / "a" / "run"), 3)]
+            assert max((average[key] - validated[key]).abs().max().item() for key in validated) < 1e-6
+            assert (validated[k + ".lora_up.weight"] - step[k + ".lora_up.weight"]).abs().max() > 1e-5
     assert max((average[key] - final[key]).abs().max().item() for key in final) < 1e-6
     assert (raw[k + ".lora_up.weight"] - final[k + ".lora_up.weight"]).abs().max() > 1e-5
     assert (raw[k + ".dora_scale"] - final[k + ".dora_scale"]).abs().max() > 0
