@@ -1,5 +1,6 @@
 """DoRA (--dora) against its closed form and against diffusers + peft; --ema-decay's average, resume and files."""
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -188,10 +189,14 @@ def _peft_dora(unet, tensors):
 
 def test_dora_forward_matches_peft(tiny_sd1, trained_dora):
     """Our DoRA wrappers (as trained), and the file merged by apply_lora, == peft's DoRA layers with the same
-    tensors, on the tiny UNet: within fp32 noise."""
+    tensors, on the tiny UNet: within fp32 noise. And peft's own DoRA file (lora_magnitude_vector: [out], convs
+    [1, out, 1, 1]) read by apply_lora gives the same."""
     pytest.importorskip("peft")
+    from peft.utils import get_peft_model_state_dict
+
     tensors, _ = load_lora(trained_dora)
     peft_unet = _peft_dora(copy.deepcopy(tiny_sd1["pipe"].unet), tensors)
+    peft_file = {"unet." + k: v for k, v in get_peft_model_state_dict(peft_unet).items()}
     x, c = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0)), torch.randn(2, 5, 32)
     assert_well_conditioned("trained DoRA in peft's UNet", lambda: peft_unet(x, 10, c).sample, [peft_unet], 5e-4)
     sd = load(tiny_sd1["folder"])
@@ -199,13 +204,15 @@ def test_dora_forward_matches_peft(tiny_sd1, trained_dora):
         theirs = peft_unet(x, 10, c).sample
         base = sd.unet(x, torch.tensor(10), c)
         assert (theirs - base).abs().max() > 1e-3  # the DoRA does something
-        for merge in (False, True):
+        for merge, file, meta in ((False, tensors, None), (True, tensors, None),
+                                  (True, peft_file, {"lora_adapter_metadata": json.dumps({"unet.lora_alpha": 2})})):
             unet = copy.deepcopy(sd.unet)
-            applied = apply_lora(unet, None, tensors, merge=merge)
+            applied = apply_lora(unet, None, file, merge=merge, metadata=meta)
             assert len(applied) == len(tensors) // 4  # down, up, alpha, dora_scale per layer
             assert all(isinstance(m, DoRALinear) is not merge for m in applied.values())
             diff = (unet(x, torch.tensor(10), c) - theirs).abs().max().item()
-            print(f"DoRA forward, ours ({'merged' if merge else 'wrappers'}) vs peft: max |diff| {diff:.2e}")
+            print(f"DoRA forward, ours ({'merged' if merge else 'wrappers'}, {'peft' if meta else 'our'} file) "
+                  f"vs peft: max |diff| {diff:.2e}")
             assert diff < 5e-4
 
 

@@ -110,12 +110,12 @@ def _check_family(groups, tables, metadata=None, unet=None):
 
 def _dora(key, g, path, w):
     """DoRA's magnitude of group `g` shaped [out, 1, ...] or [1, in, ...] (its axis, lora.channel_norm), or None.
-    peft stores [out]; LyCORIS [out, 1(, 1, 1)] or [1, in(, 1, 1)]."""
+    LyCORIS stores [out, 1(, 1, 1)] or [1, in(, 1, 1)]; peft always the output axis, [out] (convs: [1, out, 1, 1])."""
     m = g.get("dora")
     if m is None:
         return None
     out, ones = w.shape[0], [1] * (w.dim() - 1)
-    if m.numel() == out and (m.dim() == 1 or m.shape[0] == out):
+    if m.numel() == out and (g["style"] == "peft" or m.shape[0] == out):
         return m.reshape(out, *ones)
     if m.dim() >= 2 and m.shape[0] == 1 and m.numel() == w.shape[1]:
         return m.reshape(1, w.shape[1], *ones[1:])
@@ -174,8 +174,8 @@ def _alpha(g, config, path, rank):
 
 
 @torch.no_grad()
-def _merge(w, down, up, mid, scale, strength=1.0, dora=None):
-    """W += strength * scale * B A (LoCon with mid: the CP composition of up, mid, down), in fp32, rounded once.
+def _merge(w, down, up, mid, scale, dora=None, strength=1.0):
+    """W += scale * B A (LoCon with mid: the CP composition of up, mid, down), in fp32, rounded once.
     DoRA (`dora` = its magnitude): W += strength * (m (W + scale B A) / ||W + scale B A|| - W)."""
     down, up = down.to(w.device, torch.float32), up.to(w.device, torch.float32)
     if mid is None:
@@ -183,7 +183,7 @@ def _merge(w, down, up, mid, scale, strength=1.0, dora=None):
     else:
         mid = mid.to(w.device, torch.float32)
         delta = scale * torch.einsum("r s k l, o r, s i -> o i k l", mid, up.flatten(1), down.flatten(1))
-    merged = w.float() + strength * delta if dora is None else dora_weight(w, delta, dora.to(w.device), strength)
+    merged = w.float() + delta if dora is None else dora_weight(w, delta, dora.to(w.device), strength)
     w.copy_(merged.to(w.dtype))
 
 
@@ -230,7 +230,8 @@ def apply_lora(unet, text_encoder, tensors, scale=1.0, merge=True, metadata=None
         rank = down.shape[0]
         alpha = _alpha(g, configs[part], text_path(path) if part in TEXT_PARTS else path, rank)
         if merge:
-            _merge(module.weight, down, up, mid, alpha / rank, scale, dora)
+            lora_scale = scale * alpha / rank if dora is None else alpha / rank  # DoRA: the strength acts outside
+            _merge(module.weight, down, up, mid, lora_scale, dora, scale)
             applied[(part, path)] = module
             continue
         model = models[part]
