@@ -200,7 +200,8 @@ def apply_lora(unet, text_encoder, tensors, scale=1.0, merge=True, metadata=None
     """Apply a LoRA file's tensors: W += scale * (alpha / r) * B A  (merge=True; LoCon convs: B A is the
     1x1-after-k x k composition; DoRA: lora.dora_weight at strength `scale`), or wrap each layer with a LoRA
     module of multiplier `scale` (merge=False, strength changeable later). `metadata` (load_lora's second
-    value) supplies the alpha of diffusers / peft files that keep it there. SDXL: `text_encoder_2` is OpenCLIP bigG (kohya's te2).
+    value) supplies the alpha of diffusers / peft files that keep it there. SDXL: `text_encoder_2` is OpenCLIP
+    bigG (kohya's te2).
 
     Module names are found by converting each of the model's own module paths to kohya form (paths
     contain '_' themselves, e.g. 'to_q', 'transformer_blocks', so a key cannot be split back).
