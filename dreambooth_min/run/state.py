@@ -105,8 +105,8 @@ class TrainingState:
         return True
 
     def checkpoint_bytes(self):
-        """About the size of one checkpoint: the LoRA factors and AdamW's two moments, in fp32."""
-        return 3 * sum(p.numel() * 4 for p in self.params) + (64 << 10)
+        """About the size of one checkpoint: the LoRA factors, AdamW's two moments (and the average), in fp32."""
+        return (4 if self.ema else 3) * sum(p.numel() * 4 for p in self.params) + (64 << 10)
 
     def lora_tensors(self):
         return lora_state_dict(self.unet_loras, self.text_loras, text_loras_2=self.text_loras_2,
