@@ -68,8 +68,8 @@ class TrainingState:
         # The generator at the end of the last finished step, and whether the factors are whole (not in
         # the middle of an update): what `rewind` needs to checkpoint after a failure inside a step.
         self.boundary, self.whole = self.generator.get_state(), True
-        self.ema = EMA(lora_parameters(unet_loras, text_loras or {}, text_loras_2 or {}), cfg.ema_decay) \
-            if cfg.ema_decay else None
+        decay = getattr(cfg, "ema_decay", 0)  # a settings object from before --ema-decay has none
+        self.ema = EMA(lora_parameters(unet_loras, text_loras or {}, text_loras_2 or {}), decay) if decay else None
 
     def averaged(self):
         """A context in which the LoRA holds its --ema-decay average (no change without one)."""
