@@ -188,8 +188,12 @@ def plan(cfg, setup, n_images, class_dir, default_model=False):
              f"prior       {prior}",
              f"validation  {setup.validation_prompt!r}" + (f" every {plural(cfg.validate_every, 'epoch')}"
                                                           if cfg.validate_every else " off"),
-             f"training    {plural(steps, 'step')} ({plural(epochs, 'epoch')}), LoRA rank {cfg.rank} on "
-             f"{','.join(cfg.lora_targets)}{text_encoders if cfg.train_text_encoder else ''}",
+             f"training    {plural(steps, 'step')} ({plural(epochs, 'epoch')}), {'Do' if cfg.dora else 'Lo'}RA rank "
+             f"{cfg.rank} on {','.join(cfg.lora_targets)}{text_encoders if cfg.train_text_encoder else ''}"
+             + (f", a magnitude per {cfg.dora}put channel" if cfg.dora else "")
+             + (" (peft's axis; for A1111 and ComfyUI use --dora in)" if cfg.dora == "out" else ""),
+             *([f"ema         average of the LoRA, decay {cfg.ema_decay:g}: validation and lora.safetensors use it, "
+                "the last step's is lora_raw.safetensors"] if cfg.ema_decay else []),
              f"optimizer   {describe_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.prodigy_d_coef)}",
              *([f"pivotal     new tokens {cfg.resolved_token()}, initialised from {cfg.class_noun!r}, lr "
                 f"{cfg.embedding_lr or cfg.lr:g}, written to embedding.safetensors"] if cfg.pivotal else []),

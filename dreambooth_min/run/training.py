@@ -91,7 +91,11 @@ def finish(cfg, setup, state, total_steps, interrupted, log):
                 "interrupted": True}
     embedding = pivotal.embedding_path(setup.run.path) if state.embeddings else None
     if dist.is_main():
-        save_lora(setup.run.lora_path, state.lora_tensors(), setup.lora_metadata(cfg, state.step))
+        metadata = setup.lora_metadata(cfg, state.step)
+        if state.ema:  # the last step's factors beside the average; lora.safetensors last: it marks the run done
+            save_lora(setup.run.path / "lora_raw.safetensors", state.lora_tensors(), metadata)
+        with state.averaged():
+            save_lora(setup.run.lora_path, state.lora_tensors(), metadata)
         if embedding:  # apart from the LoRA: token keys inside a LoRA file break some loaders
             pivotal.save(embedding, state.embeddings, cfg, setup.sd, state.step)
     samples = f"samples in {setup.run.samples}; " if cfg.validate_every or cfg.eval_every else ""
@@ -132,7 +136,8 @@ def run_loop(cfg, setup, state, total_steps, micro_per_epoch, stop_after=None):
                     save_checkpoint(cfg, setup, state)
             epochs_done = (micro + 1) // micro_per_epoch
             if (micro + 1) % micro_per_epoch == 0 and cfg.is_validation_epoch(epochs_done):
-                validate_on_main(cfg, setup, epochs_done, state.step)
+                with state.averaged():  # --ema-decay: validation draws with the average
+                    validate_on_main(cfg, setup, epochs_done, state.step)
             if stop or (stop_after is not None and state.step >= stop_after):
                 raise Interrupted
     except Diverged:
@@ -210,12 +215,13 @@ class TextContexts:
 
 
 def add_lora(cfg, sd):
-    """LoRA wrappers on the UNet's `lora_targets` and, with --train-text-encoder, on the text encoders' attention
-    (SDXL: both): ({path: wrapper} of the UNet, of the text encoder, of SDXL's second one or None)."""
+    """LoRA (--dora: DoRA) wrappers on the UNet's `lora_targets` and, with --train-text-encoder, on the text
+    encoders' attention (SDXL: both): ({path: wrapper} of the UNet, of the text encoder, of SDXL's second one
+    or None)."""
     torch.manual_seed(cfg.seed)  # LoRA's down factors are drawn from the global generator
     unet_loras = inject_lora(sd.unet, cfg.lora_targets, cfg.rank, cfg.alpha or None,
-                             conv_rank=cfg.conv_rank or None, conv_alpha=cfg.conv_alpha or None)
-    text = lambda encoder: inject_lora(encoder, TEXT_TARGETS, cfg.rank, cfg.alpha or None) \
+                             conv_rank=cfg.conv_rank or None, conv_alpha=cfg.conv_alpha or None, dora=cfg.dora or None)
+    text = lambda encoder: inject_lora(encoder, TEXT_TARGETS, cfg.rank, cfg.alpha or None, dora=cfg.dora or None) \
         if cfg.train_text_encoder else {}
     second = getattr(sd, "text_encoder_2", None)
     sd.unet.gradient_checkpointing = cfg.gradient_checkpointing
