@@ -101,9 +101,9 @@ def resize_lora(tensors, metadata, rank, conv_rank=None, method=None, value=None
         if not {"down", "up"} <= g.keys():
             raise UserError(f"LoRA module {name} lacks lora_down or lora_up weights")
         if g.keys() - {"down", "up", "alpha", "mid", "style"}:  # a DoRA's update depends on the base weight
-            raise UserError(f"LoRA module {name} has {sorted(g.keys() - {'down', 'up', 'alpha', 'mid', 'style'})} "
-                            "besides its factors: resize takes LoRA / LoCon only (merge --into-lora --model BASE "
-                            "makes a plain LoRA of any kind)")
+            what = "a DoRA magnitude (dora_scale)" if "dora" in g else sorted(g.keys() - {"down", "up", "alpha", "mid"})
+            raise UserError(f"LoRA module {name} has {what} besides its factors: resize takes LoRA / LoCon only "
+                            "(merge --into-lora --model BASE makes a plain LoRA of any kind)")
         old = g["down"].shape[0]
         alpha = _alpha(g, _peft_config(metadata, part), name, old)
         conv = g.get("mid") is not None or kernel_size(g["down"]) != ()
