@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .conditioning import as_cond
 from .errors import UserError
 from .layers import ResnetBlock2D, Upsample2D, attention
-from .memory import Conv2d, norm_silu, recompute_cheap, recompute_in_backward
+from .memory import Conv2d, low_memory, norm_silu, recompute_cheap, recompute_in_backward
 
 
 @dataclass
@@ -392,6 +392,7 @@ class UNet2DConditionModel(nn.Module):
         super().__init__()
         self.config = cfg = config
         self.gradient_checkpointing = False  # set True to trade compute for activation memory in training
+        self.low_memory = False  # True: the cheap-op recomputation on CUDA too (memory.low_memory; --low-memory)
         ch = cfg.block_out_channels
         temb_ch = 4 * ch[0]
         self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
@@ -410,6 +411,10 @@ class UNet2DConditionModel(nn.Module):
     def forward(self, sample, timestep, cond):
         """sample [B, in, h, w]; timestep int, 0-d or [B] tensor; cond a conditioning.Cond (or SD 1/2's bare
         context tensor [B, M, Cc]) -> [B, out, h, w]."""
+        with low_memory(self.low_memory):
+            return self._denoise(sample, timestep, cond)
+
+    def _denoise(self, sample, timestep, cond):
         B = sample.shape[0]
         cond = as_cond(cond)
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(B)  # [B]

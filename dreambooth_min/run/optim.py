@@ -53,7 +53,7 @@ def _device(param_groups):
     raise UserError("the optimizer got no parameters to train")
 
 
-def make_optimizer(param_groups, name="adamw", weight_decay=1e-2, d_coef=1.0):
+def make_optimizer(param_groups, name="adamw", weight_decay=1e-2, d_coef=1.0, fused=None):
     """AdamW (or Prodigy) over `param_groups` (a list of tensors or of {"params": [...], "lr": ...} dicts).
 
     Raises UserError for an unknown name, a missing bitsandbytes or prodigyopt, or adamw8bit on a device other
@@ -63,7 +63,7 @@ def make_optimizer(param_groups, name="adamw", weight_decay=1e-2, d_coef=1.0):
     param_groups = list(param_groups)
     device = _device(param_groups)
     if name == "adamw":
-        return torch.optim.AdamW(param_groups, weight_decay=weight_decay)
+        return torch.optim.AdamW(param_groups, weight_decay=weight_decay, fused=fused)
     if name == "adamw8bit":
         bnb = _bitsandbytes(device)
         if device.type != "cuda":

@@ -209,4 +209,5 @@ def add_lora(cfg, sd):
         if cfg.train_text_encoder else {}
     second = getattr(sd, "text_encoder_2", None)
     sd.unet.gradient_checkpointing = cfg.gradient_checkpointing
+    sd.unet.low_memory = cfg.low_memory
     return unet_loras, text(sd.text_encoder), None if second is None else text(second)
