@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from .conditioning import as_cond
 from .errors import UserError
 from .layers import ResnetBlock2D, Upsample2D, attention
-from .memory import Conv2d, low_memory, norm_silu, recompute_cheap, recompute_in_backward
+from .lora import fused_linear
+from .memory import Conv2d, cpu_path, low_memory, norm_silu, recompute_cheap, recompute_in_backward
 
 
 @dataclass
@@ -173,8 +174,14 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Identity()])  # [1]: diffusers' dropout slot
 
     def forward(self, x, context=None):  # x [B, N, C], context [B, M, Cc]
-        context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.upcast)
+        if cpu_path(x.device):  # the CPU keeps three products, as measured there
+            context = x if context is None else context
+            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        elif context is None:  # one product for q, k and v (and one per LoRA factor): fewer kernel launches
+            q, k, v = fused_linear((self.to_q, self.to_k, self.to_v), x)
+        else:
+            q, (k, v) = self.to_q(x), fused_linear((self.to_k, self.to_v), context)
+        out = attention(q, k, v, self.heads, self.upcast)
         return self.to_out[0](out)  # [B, N, C]
 
 

@@ -1,6 +1,6 @@
 """The optimizer for `--optimizer adamw|adamw8bit|prodigy`.
 
-adamw:     torch.optim.AdamW (Loshchilov & Hutter 2019, decoupled weight decay).
+adamw:     torch.optim.AdamW (Loshchilov & Hutter 2019, decoupled weight decay); its fused kernel on CUDA.
 adamw8bit: bitsandbytes' AdamW8bit (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"):
            the same update, with Adam's two moment buffers stored block-wise quantized in 8 bits, so the
            optimizer state takes ~1/4 of fp32's. For a rank-4 LoRA the state is a few MB either way, so
@@ -63,7 +63,9 @@ def make_optimizer(param_groups, name="adamw", weight_decay=1e-2, d_coef=1.0, fu
     param_groups = list(param_groups)
     device = _device(param_groups)
     if name == "adamw":
-        return torch.optim.AdamW(param_groups, weight_decay=weight_decay, fused=fused)
+        # fused on CUDA: one kernel for all factors, and GradScaler's inf check stays on the GPU (no host sync)
+        fused = device.type == "cuda" if fused is None else fused
+        return torch.optim.AdamW(param_groups, weight_decay=weight_decay, fused=fused or None)
     if name == "adamw8bit":
         bnb = _bitsandbytes(device)
         if device.type != "cuda":

@@ -114,8 +114,8 @@ def run_loop(cfg, setup, state, total_steps, micro_per_epoch, stop_after=None):
             running = parts if running is None else running + parts  # the mean over the micro-batches
             if (micro + 1) % cfg.grad_accum == 0:
                 running, stop = dist.sync_step(state.params, running)  # torchrun: the mean over the processes
-                losses, lr = running.tolist(), state.optimizer.param_groups[0]["lr"]  # the rate this step uses
-                grad_norm = state.optimizer_step(cfg.max_grad_norm, loss_finite=math.isfinite(losses[0]))
+                lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses
+                losses, grad_norm = state.optimizer_step(cfg.max_grad_norm, running)  # the step's one host sync
                 log_step(setup, state, losses, lr, grad_norm, (micro + 1) / micro_per_epoch, time.time() - start, bar)
                 boundary, running = state.generator.get_state(), None
                 if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
@@ -161,7 +161,7 @@ def log_step(setup, state, losses, lr, grad_norm, epoch, seconds, bar):
     loss, loss_instance, loss_prior = losses
     finite = math.isfinite(loss)
     record = {"step": state.step, "epoch": round(epoch, 4), "loss": loss, "loss_instance": loss_instance,
-              "loss_prior": loss_prior, "lr": lr, "grad_norm": grad_norm.item(), "seconds": round(seconds, 3)}
+              "loss_prior": loss_prior, "lr": lr, "grad_norm": grad_norm, "seconds": round(seconds, 3)}
     if "d" in state.optimizer.param_groups[0]:  # Prodigy: its estimated step size; the step moves by about d * lr
         record["prodigy_d"] = float(state.optimizer.param_groups[0]["d"])
     state.nonfinite_in_a_row = 0 if finite else state.nonfinite_in_a_row + 1
