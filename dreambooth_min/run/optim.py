@@ -24,6 +24,7 @@ import io
 import torch
 
 from ..errors import UserError
+from ..memory import cpu_path
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 DEFAULT_LR = {"adamw": 1e-4, "adamw8bit": 1e-4, "prodigy": 1.0}  # --lr 0 means these
@@ -64,7 +65,7 @@ def make_optimizer(param_groups, name="adamw", weight_decay=1e-2, d_coef=1.0, fu
     device = _device(param_groups)
     if name == "adamw":
         # fused on CUDA: one kernel for all factors, and GradScaler's inf check stays on the GPU (no host sync)
-        fused = device.type == "cuda" if fused is None else fused
+        fused = not cpu_path(device) if fused is None else fused
         return torch.optim.AdamW(param_groups, weight_decay=weight_decay, fused=fused or None)
     if name == "adamw8bit":
         bnb = _bitsandbytes(device)
