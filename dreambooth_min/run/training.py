@@ -24,6 +24,7 @@ from . import distributed as dist
 from . import pivotal
 from .data import epoch_order
 from .faults import guarded
+from .hardware import compile_unet
 from .setup import prepare
 from .state import TrainingState, save_checkpoint
 
@@ -101,7 +102,7 @@ def run_loop(cfg, setup, state, total_steps, micro_per_epoch, stop_after=None):
     bs = min(cfg.batch_size * dist.world_size(), n)  # the global batch
     contexts = TextContexts(setup.sd, trainable=bool(state.text_loras or state.text_loras_2 or state.embeddings))
     bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", disable=not dist.is_main())
-    start, boundary, running, stop = time.time(), state.generator.get_state(), None, False
+    start, boundary, running, stop, first = time.time(), state.generator.get_state(), None, False, state.step
     dist.stop_on_signal()
     try:
         for micro in range(state.step * cfg.grad_accum, total_steps * cfg.grad_accum):
@@ -117,6 +118,8 @@ def run_loop(cfg, setup, state, total_steps, micro_per_epoch, stop_after=None):
                 lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses
                 losses, grad_norm = state.optimizer_step(cfg.max_grad_norm, running)  # the step's one host sync
                 log_step(setup, state, losses, lr, grad_norm, (micro + 1) / micro_per_epoch, time.time() - start, bar)
+                if cfg.compile and state.step == first + 1 and dist.is_main():  # the first step compiles
+                    bar.write(f"compile: the first step took {time.time() - start:.1f} s, compiling included")
                 boundary, running = state.generator.get_state(), None
                 if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
                     save_checkpoint(cfg, setup, state)
@@ -210,4 +213,6 @@ def add_lora(cfg, sd):
     second = getattr(sd, "text_encoder_2", None)
     sd.unet.gradient_checkpointing = cfg.gradient_checkpointing
     sd.unet.low_memory = cfg.low_memory
+    if cfg.compile:
+        compile_unet(sd.unet)
     return unet_loras, text(sd.text_encoder), None if second is None else text(second)
