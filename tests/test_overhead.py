@@ -1,6 +1,9 @@
 """The GPU step's overhead, counted on the CPU on the CUDA code path (memory.cuda_code_path): aten ops per LoRA
 step against diffusers + peft, host syncs in the real training loop, and the fused paths' values."""
+import os
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ from benchmarks import overhead
 from dreambooth_min import memory
 from dreambooth_min.lora import UNET_TARGETS, inject_lora
 from dreambooth_min.run import training
+from dreambooth_min.run.hardware import compile_unet
 from dreambooth_min.run.state import TrainingState
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -97,3 +101,61 @@ def test_host_syncs_per_step_in_the_training_loop(tiny_sd1, tmp_path, monkeypatc
     assert syncs["micro_step"][1:] == [0] * 3  # the first encodes the prompts (cached after)
     assert syncs["optimizer_step"] == [1] * 4
     assert syncs["log_step"] == [0] * 4
+
+
+def _compiled_matches_eager(backend):
+    from benchmarks.gpu import tiny_config
+    from dreambooth_min.unet import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(tiny_config()).requires_grad_(False)  # 3 transformers: compiling takes seconds
+    loras = inject_lora(unet, UNET_TARGETS, rank=4)
+    with torch.no_grad():
+        for lora in loras.values():
+            lora.lora_up.weight.normal_(0, 0.1)
+    unet.train()
+    names = list(unet.state_dict())
+    x, _, t, ctx = overhead.tiny_batch(4, 8, tiny_config().cross_attention_dim)
+    with memory.cuda_code_path():
+        ref_out, ref_grads = _out_and_grads(unet, loras, (x, t, ctx))
+        torch._dynamo.reset()
+        compile_unet(unet, backend)
+        start = time.perf_counter()
+        out, grads = _out_and_grads(unet, loras, (x, t, ctx))
+        first = time.perf_counter() - start
+        again, _ = _out_and_grads(unet, loras, (x, t, ctx))
+    breaks = torch._dynamo.utils.counters["graph_break"]
+    print(f"\n--compile ({backend}), tiny UNet on the CPU: first step {first:.1f} s, compiling included; "
+          f"graph breaks {dict(breaks)}")
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(again, out, atol=0, rtol=0)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert list(unet.state_dict()) == names  # compiled in place: parameter names, and so file keys, unchanged
+
+
+def test_compile_matches_eager_forward_and_backward():
+    """torch.compile of the UNet (dynamo + AOTAutograd: forward and backward graphs) gives eager's values and
+    LoRA gradients. aot_eager: the graphs as inductor gets them, without its C++ build (minutes here)."""
+    _compiled_matches_eager("aot_eager")
+
+
+@pytest.mark.skipif(not os.environ.get("SLOW_TESTS"), reason="inductor builds C++ kernels: minutes on this CPU "
+                                                                "(SLOW_TESTS=1 runs it; needs gcc)")
+def test_compile_with_inductor_matches_eager():
+    if shutil.which("gcc") is None and shutil.which("cc") is None:
+        pytest.skip("no C compiler: inductor's CPU kernels need one")
+    _compiled_matches_eager("inductor")
+
+
+def test_compile_setting_in_the_training_loop(tiny_sd1, tmp_path, monkeypatch, capsys):
+    """--compile compiles the UNet before the first step (compile_unet, tested above), says so in the plan and
+    prints the first step's time, compiling included."""
+    compiled = []
+    monkeypatch.setattr(training, "compile_unet", compiled.append)
+    messages = []
+    training.train(config(tmp_path, tiny_sd1["single"], steps=2, prior_weight=0.0, compile=True),
+                   log=messages.append)
+    assert len(compiled) == 1 and compiled[0].__class__.__name__ == "UNet2DConditionModel"
+    assert "\ncompile     the UNet with torch.compile (inductor)" in "\n".join(messages)
+    assert "compile: the first step took" in capsys.readouterr().out
