@@ -43,7 +43,7 @@ def _tables(text):
         if line.startswith("### "):
             title = line[4:]
             tables[title] = {}
-        elif line.startswith("| ") and title and not line.startswith(("| configuration", "| ---")):
+        elif line.startswith("| ") and title and not line.startswith(("| configuration", "| ---", "| tool")):
             cells = [c.strip() for c in line.strip("|").split("|")]
             tables[title][cells[0]] = cells[1:]
     return tables
