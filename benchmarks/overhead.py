@@ -122,7 +122,9 @@ def measure(tool, diffusers_kwargs, repeats=5):
 
 
 def report(results):
-    print("| tool | forward ops | backward ops | optimizer ops | total | host syncs | step ms | us per op |")
+    # scalar reads: .item() / nonzero, a host sync for a GPU tensor (torch's AdamW keeps its step counts on the
+    # CPU unless fused: diffusers' 352 are those, not syncs)
+    print("| tool | forward ops | backward ops | optimizer ops | total | scalar reads | step ms | us per op |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for tool, r in results.items():
         o = r["ops"]
