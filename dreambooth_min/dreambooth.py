@@ -81,10 +81,11 @@ def dreambooth_step(unet, batch, cond, prediction_type, prior_weight=1.0, snr_ga
     pooled text and batch.time_ids). The UNet runs in its own dtype and device.
     """
     weight = unet.conv_in.weight
-    x0, eps, t = (v.to(weight.device) for v in (batch.latents, batch.noise, batch.timesteps))  # [B, 4, h, w], [B]
+    x0, eps = (v.to(weight.device) for v in (batch.latents, batch.noise))  # [B, 4, h, w]
+    t = batch.timesteps  # [B] on the CPU: a_t is looked up there, with no device-to-host copy (a sync on a GPU)
     x_t = add_noise(x0, eps, t)                                  # q(x_t | x_0) = N(sqrt(a_t) x_0, (1 - a_t) I), DDPM eq. 4
     target = prediction(prediction_type).target(x0, eps, t)      # y = eps, or v
-    pred = unet(x_t.to(weight.dtype), t, cond)                   # x̂(x_t, c)
-    w = min_snr_weight(t, snr_gamma, prediction_type) if snr_gamma > 0 else None
+    pred = unet(x_t.to(weight.dtype), t.to(weight.device), cond)  # x̂(x_t, c)
+    w = min_snr_weight(t, snr_gamma, prediction_type).to(weight.device) if snr_gamma > 0 else None
     m = None if batch.mask is None else batch.mask.to(weight.device)  # the photos' masks, on the latent grid
     return dreambooth_loss(pred, target, batch.n_instance, prior_weight, w, m)

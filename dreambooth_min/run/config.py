@@ -108,6 +108,10 @@ class TrainConfig:
     vae_precision: str = option("", "precision of the VAE's encoding and decoding (default: the base's, but fp32 for "
                                     "SDXL over an fp16 base: SDXL's VAE overflows fp16 into NaN / black images)",
                                 HARDWARE, choices=tuple(DTYPES))
+    low_memory: bool = option(False, "recompute GroupNorm+SiLU and GEGLU in backward on CUDA too (always on the CPU, "
+                                     "where it pays): less activation memory, slower on a GPU", HARDWARE)
+    compile: bool = option(False, "torch.compile the UNet (CUDA graphs on CUDA); the first step includes compiling "
+                                  "(minutes for SD at full size)", HARDWARE)
 
     output: str = option("", "run folder (default: runs/<timestamp>)", OUTPUTS)
     save_every: int = option(250, "checkpoint every N steps; 0: only at the end and on Ctrl-C", OUTPUTS)

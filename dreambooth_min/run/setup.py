@@ -19,7 +19,7 @@ from ..lora import unknown_targets
 from . import distributed as dist
 from .buckets import bucket_list, bucket_sizes, class_counts, describe as describe_buckets
 from .data import LatentCache, check_masks, load_image, load_photos, original_size, photo_time_ids
-from .estimate import duration, estimate, is_full_size, seconds_per_latent
+from .estimate import compile_line, duration, estimate, is_full_size, seconds_per_latent
 from .hardware import precision_name, resolve_hardware
 from .optim import describe as describe_optimizer
 from .prior import class_image_paths, default_class_dir, ensure_class_images
@@ -226,6 +226,8 @@ def time_lines(cfg, setup, to_draw, steps, epochs):
     lines = [f"time        about {duration(class_images) + ' for the class images, ' if to_draw else ''}"
              f"{duration(training)} for the training{' and validation' * bool(validations)} (rough: from one "
              f"timed UNet pass; the progress bars show the real rate)"]
+    if cfg.compile:
+        lines.append(compile_line(setup.hardware.device_type, setup.sd.version))
     if setup.hardware.device_type == "cpu" and is_full_size(setup.sd.unet):
         lines.append(f"warning: a full-size model trains on the CPU, about {duration(step)} a "
                      "step: use a GPU, or try the commands first on a tiny model (python -m dreambooth_min.formats.make_tiny)")

@@ -75,13 +75,17 @@ class TrainingState:
         """A context in which the LoRA holds its --ema-decay average (no change without one)."""
         return averaged(self.ema)
 
-    def optimizer_step(self, max_grad_norm, loss_finite=True):
+    def optimizer_step(self, max_grad_norm, running=None):
         """Unscale, clip, step AdamW, advance the LR. Non-finite numbers never reach the LoRA: the step is
-        skipped for a non-finite loss, and for inf/NaN gradients (by the GradScaler in fp16, here otherwise)."""
+        skipped for a non-finite loss, and for inf/NaN gradients (by the GradScaler in fp16, here otherwise).
+        Returns (the loss parts `running` [loss, instance, prior] as floats, the gradient norm as a float): read
+        together, the step's one host sync, which the log line needs anyway (fused AdamW's GradScaler needs none)."""
         self.whole = False  # until the update is done: a failure in between leaves nothing worth saving
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
-        if loss_finite and (self.scaler.is_enabled() or torch.isfinite(grad_norm)):
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm).reshape(1).float()
+        *losses, norm = (grad_norm if running is None else torch.cat([running.float(), grad_norm.to(running.device)])
+                         ).tolist()
+        if (not losses or math.isfinite(losses[0])) and (self.scaler.is_enabled() or math.isfinite(norm)):
             self.scaler.step(self.optimizer)
         with warnings.catch_warnings():  # a skipped step still advances the LR schedule, on purpose
             warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
@@ -92,7 +96,7 @@ class TrainingState:
             self.ema.update()
         self.step += 1
         self.boundary, self.whole = self.generator.get_state(), True
-        return grad_norm
+        return losses, norm
 
     def rewind(self):
         """Back to the end of the last finished step after a failure inside one (out of memory): the

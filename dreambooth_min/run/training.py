@@ -25,6 +25,7 @@ from . import pivotal
 from .buckets import bucket_sizes, epoch_batch
 from .data import epoch_order
 from .faults import guarded
+from .hardware import compile_unet
 from .setup import prepare
 from .state import TrainingState, save_checkpoint
 
@@ -115,7 +116,7 @@ def run_loop(cfg, setup, state, total_steps, micro_per_epoch, stop_after=None):
     bs = min(cfg.batch_size * dist.world_size(), n)  # the global batch
     contexts = TextContexts(setup.sd, trainable=bool(state.text_loras or state.text_loras_2 or state.embeddings))
     bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", disable=not dist.is_main())
-    start, boundary, running, stop = time.time(), state.generator.get_state(), None, False
+    start, boundary, running, stop, first = time.time(), state.generator.get_state(), None, False, state.step
     dist.stop_on_signal()
     try:
         for micro in range(state.step * cfg.grad_accum, total_steps * cfg.grad_accum):
@@ -128,9 +129,11 @@ def run_loop(cfg, setup, state, total_steps, micro_per_epoch, stop_after=None):
             running = parts if running is None else running + parts  # the mean over the micro-batches
             if (micro + 1) % cfg.grad_accum == 0:
                 running, stop = dist.sync_step(state.params, running)  # torchrun: the mean over the processes
-                losses, lr = running.tolist(), state.optimizer.param_groups[0]["lr"]  # the rate this step uses
-                grad_norm = state.optimizer_step(cfg.max_grad_norm, loss_finite=math.isfinite(losses[0]))
+                lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses
+                losses, grad_norm = state.optimizer_step(cfg.max_grad_norm, running)  # the step's one host sync
                 log_step(setup, state, losses, lr, grad_norm, (micro + 1) / micro_per_epoch, time.time() - start, bar)
+                if cfg.compile and state.step == first + 1 and dist.is_main():  # the first step compiles
+                    bar.write(f"compile: the first step took {time.time() - start:.1f} s, compiling included")
                 boundary, running = state.generator.get_state(), None
                 if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
                     save_checkpoint(cfg, setup, state)
@@ -176,7 +179,7 @@ def log_step(setup, state, losses, lr, grad_norm, epoch, seconds, bar):
     loss, loss_instance, loss_prior = losses
     finite = math.isfinite(loss)
     record = {"step": state.step, "epoch": round(epoch, 4), "loss": loss, "loss_instance": loss_instance,
-              "loss_prior": loss_prior, "lr": lr, "grad_norm": grad_norm.item(), "seconds": round(seconds, 3)}
+              "loss_prior": loss_prior, "lr": lr, "grad_norm": grad_norm, "seconds": round(seconds, 3)}
     if "d" in state.optimizer.param_groups[0]:  # Prodigy: its estimated step size; the step moves by about d * lr
         record["prodigy_d"] = float(state.optimizer.param_groups[0]["d"])
     state.nonfinite_in_a_row = 0 if finite else state.nonfinite_in_a_row + 1
@@ -225,4 +228,7 @@ def add_lora(cfg, sd):
         if cfg.train_text_encoder else {}
     second = getattr(sd, "text_encoder_2", None)
     sd.unet.gradient_checkpointing = cfg.gradient_checkpointing
+    sd.unet.low_memory = cfg.low_memory
+    if cfg.compile:
+        compile_unet(sd.unet)
     return unet_loras, text(sd.text_encoder), None if second is None else text(second)
