@@ -1,0 +1,255 @@
+"""Files from strangers: every damaged or hostile .safetensors file is one UserError line, at bounded memory.
+
+A seeded corpus is built from three small valid files (a LoRA and an embedding for the tiny SD 1.x model, and
+the tiny model itself): every truncation of the header, a few hundred seeded mutations of its fields (types,
+offsets, shapes, dtypes, metadata, names), junk after the header, and NaN in the data. Each case goes through
+the three readers as sample.py uses them (--lora, --embedding, --model) and must end in a UserError or in a
+model that loads; no tensor larger than the file is ever allocated.
+"""
+import copy
+import json
+import math
+import random
+import resource
+import shutil
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import dreambooth_min
+import sample
+from dreambooth_min.errors import NonFinite, UserError
+from dreambooth_min.formats import safetensors_io
+from dreambooth_min.formats.embedding_file import load_embedding, save_embedding
+from dreambooth_min.formats.lora_apply import apply_lora
+from dreambooth_min.formats.lora_file import load_lora, save_lora
+from dreambooth_min.formats.lora_names import kohya_name
+from dreambooth_min.formats.safetensors_io import SafetensorsFile
+from dreambooth_min.run.pivotal import use_embedding
+from dreambooth_min.run.state import MANIFEST, sha256
+from dreambooth_min.run.training import train
+from test_training import config
+
+MUTATIONS = 300  # seeded header mutations per valid file
+MODEL_CUTS = 400  # the model's header is 92 KB: a seeded sample of its cuts (every one: see cuts())
+
+
+def _lora_tensors(sd):
+    g, tensors = torch.Generator().manual_seed(0), {}
+    for part, model in (("unet", sd.unet), ("te", sd.text_encoder)):
+        for name, m in model.named_modules():
+            if name.endswith(("attn1.to_q", "attn2.to_k", "self_attn.v_proj")):
+                k = kohya_name(name, part)
+                tensors[k + ".lora_down.weight"] = 0.1 * torch.randn(2, m.in_features, generator=g)
+                tensors[k + ".lora_up.weight"] = 0.1 * torch.randn(m.out_features, 2, generator=g)
+                tensors[k + ".alpha"] = torch.tensor(1.0)
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def corpus(tiny_sd1, tmp_path_factory):
+    """The valid files, the model they fit, and the folder for the cases."""
+    root = tmp_path_factory.mktemp("hostile")
+    sd = dreambooth_min.load(tiny_sd1["single"])
+    save_lora(root / "lora.safetensors", _lora_tensors(sd))
+    save_embedding(root / "embedding.safetensors", {"clip_l": torch.randn(2, 32, generator=torch.Generator().manual_seed(1))},
+                   "<s0><s1>")
+    return dict(sd=sd, root=root, lora=root / "lora.safetensors", embedding=root / "embedding.safetensors",
+                model=tiny_sd1["single"])
+
+
+def _read_lora(sd, path):
+    tensors, metadata = load_lora(path)
+    apply_lora(sd.unet, sd.text_encoder, tensors, scale=1.0, metadata=metadata, text_encoder_2=sd.text_encoder_2)
+
+
+def _read_embedding(sd, path):
+    load_embedding(path)  # refuses most cases before the model is copied
+    fresh = copy.copy(sd)  # use_embedding adds tokens: each case gets its own tokenizer and encoder
+    fresh.tokenizer, fresh.text_encoder = copy.deepcopy(sd.tokenizer), copy.deepcopy(sd.text_encoder)
+    use_embedding(fresh, path)
+
+
+READERS = {"--lora": _read_lora, "--embedding": _read_embedding, "--model": lambda sd, path: dreambooth_min.load(path)}
+
+
+def _split(data):
+    data = data if isinstance(data, bytes) else Path(data).read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def _file(header, body, pad=b""):
+    raw = (header if isinstance(header, bytes) else json.dumps(header).encode()) + pad
+    return len(raw).to_bytes(8, "little") + raw + body
+
+
+# ---------------------------------------------------------------------------------------------------
+# The corpus
+
+
+def cuts(data, sample=None, seed=0):
+    """The file cut inside its header (every length, or `sample` of them), and its header JSON cut with the
+    length field telling the truth."""
+    n = int.from_bytes(data[:8], "little")
+    lengths = range(8 + n)
+    if sample is not None:
+        lengths = sorted(set(range(64)) | set(random.Random(seed).sample(lengths, sample)))
+    for length in lengths:
+        yield f"cut at {length}", data[:length]
+    for length in lengths if sample is None else lengths[::4]:
+        if 0 < length <= n:
+            yield f"header cut to {length}", _file(data[8:8 + length], data[8 + n:])
+
+
+def _bad_value(rng):
+    return rng.choice([None, True, -1, 1.5, "x", "8", [], [1, 2, 3], {}, {"a": 1}, 2**70, float("nan")])
+
+
+def _mutate_entry(rng, header, name, original):
+    """One field of entry `name` changed (from its `original` values)."""
+    e, field = header[name], rng.choice(["dtype", "shape", "data_offsets", "entry", "drop"])
+    (begin, end), shape = original["data_offsets"], original["shape"]
+    if field == "entry":
+        header[name] = _bad_value(rng)
+    elif field == "drop":
+        e.pop(rng.choice(["dtype", "shape", "data_offsets"]), None)
+    elif field == "dtype":
+        e["dtype"] = rng.choice(["F16", "F32", "F64", "BF16", "I8", "U8", "BOOL", "I64", "F8_E4M3", "f32", "",
+                                 _bad_value(rng)])
+    elif field == "shape":
+        e["shape"] = rng.choice([[d + rng.choice([-1, 1]) for d in shape], shape + [1], shape[1:], [-1] + shape,
+                                 [100000, 100000, 1000], "[2, 2]", [1.0, 2], [math.prod(shape)], _bad_value(rng)])
+    else:
+        e["data_offsets"] = rng.choice([[end, begin], [begin + 1, end + 1], [begin, end - 1], [begin - 1, end],
+                                        [0, end - begin], [begin, 2**62], [begin, end, end], [begin],
+                                        [str(begin), end], [float(begin), end], _bad_value(rng)])
+
+
+def mutations(data, count, seed):
+    """`count` seeded mutations of the header's fields (each case changes one to three things)."""
+    header, body = _split(data)
+    rng = random.Random(seed)
+    names = [k for k in header if k != "__metadata__"]
+    for i in range(count):
+        h = copy.deepcopy(header)
+        for _ in range(rng.choice([1, 1, 1, 2, 3])):
+            kind = rng.random()
+            if kind < 0.75:
+                name = rng.choice(names)
+                if isinstance(h.get(name), dict):
+                    _mutate_entry(rng, h, name, header[name])
+            elif kind < 0.85:
+                h["__metadata__"] = rng.choice([_bad_value(rng), {"k": _bad_value(rng)}, {"tokens": 7},
+                                                dict(h.get("__metadata__") or {}, extra="fine")])
+            elif kind < 0.9:
+                name = rng.choice(list(h))
+                h[name + "x"] = h.pop(name)  # a name nobody knows (the readers' own checks)
+            else:
+                h = rng.choice([[h], "header", 7, None])
+                break
+        raw = json.dumps(h).encode()
+        yield f"mutation {i}", _file(raw, body)
+        if rng.random() < 0.1:  # and the length field lies
+            yield f"mutation {i}, length off", max(0, len(raw) + rng.choice([-9, -1, 1, 7, 2**40])).to_bytes(8, "little") \
+                + raw + body
+
+
+def junk(data, seed):
+    header, body = _split(data)
+    rng = random.Random(seed)
+    noise = bytes(rng.randrange(256) for _ in range(64))
+    raw = json.dumps(header).encode()
+    yield "junk appended", data + noise
+    yield "junk between header and data", _file(raw, noise + body)
+    yield "junk inside the header length", _file(raw, body, pad=noise)
+    yield "NUL padding", _file(raw, body, pad=b"\0" * 8)
+    yield "second header", _file(raw, body, pad=raw)
+    yield "not UTF-8", _file(raw[:-1] + b'"\xff\xfe"}', body)
+    yield "deep nesting", _file(b"[" * 100000 + b"]" * 100000, body)
+    yield "a 5000-digit number", _file(b'{"a": ' + b"9" * 5000 + b"}", body)
+    yield "duplicate name", _file(raw[:-1] + b"," + raw[1:], body)
+
+
+def issue_cases(lora):
+    """The ten files of issue 33, built from the valid LoRA."""
+    header, body = _split(lora)
+    name = next(k for k in header if k.endswith("lora_down.weight"))
+
+    def edit(change):
+        h = copy.deepcopy(header)
+        change(h)
+        return _file(h, body)
+
+    nan = bytearray(lora.read_bytes())
+    start = 8 + int.from_bytes(nan[:8], "little") + header[name]["data_offsets"][0]
+    nan[start:start + 4] = np.array([np.nan], dtype=np.float32).tobytes()
+    return {
+        "missing data_offsets": edit(lambda h: h[name].pop("data_offsets")),
+        "entry not an object": edit(lambda h: h.__setitem__(name, [1, 2])),
+        "header a JSON list": _file([header], body),
+        "shape a string": edit(lambda h: h[name].__setitem__("shape", "2, 32")),
+        "40 TB promise": edit(lambda h: h[name].__setitem__("shape", [100000, 100000, 1000])),
+        "20 GB promise, offsets agreeing": edit(lambda h: h[name].update(shape=[5 * 2**30], data_offsets=[0, 20 * 2**30])),
+        "NaN LoRA": bytes(nan),
+        "bytes not matching the shape": edit(lambda h: h[name].__setitem__("shape", [3, 32])),
+        "offsets backwards": edit(lambda h: h[name].__setitem__("data_offsets", h[name]["data_offsets"][::-1])),
+        "dtype not a string": edit(lambda h: h[name].__setitem__("dtype", 32)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# The fuzz run
+
+
+@pytest.fixture
+def no_big_allocations(monkeypatch):
+    """Every tensor read from a file fits in the file: a header's promise is never allocated."""
+    read = SafetensorsFile.read
+
+    def guarded(self, name, out=None):
+        e = self.entries[name]
+        assert math.prod(e["shape"]) * safetensors_io.DTYPES[e["dtype"]].itemsize <= self.path.stat().st_size
+        return read(self, name, out)
+    monkeypatch.setattr(SafetensorsFile, "read", guarded)
+
+
+def _run(corpus, cases, readers=READERS):
+    """{outcome: count} over all cases through all readers; any other exception fails the test."""
+    outcomes, root = {}, corpus["root"]
+    for i, (label, data) in enumerate(cases):
+        path = root / f"case_{i}.safetensors"
+        path.write_bytes(data)
+        for flag, read in readers.items():
+            try:
+                read(corpus["sd"], path)
+                outcome = "loaded"
+            except UserError as e:
+                assert str(e) and "\n" not in str(e), (label, flag, str(e))
+                outcome = type(e).__name__
+            except Exception as e:  # noqa: BLE001 (what the test is for)
+                pytest.fail(f"{label} through {flag}: {type(e).__name__}: {e}")
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        path.unlink()
+    return outcomes
+
+
+def test_the_corpus_gives_only_user_errors(corpus, no_big_allocations):
+    lora, embedding, model = (Path(corpus[k]).read_bytes() for k in ("lora", "embedding", "model"))
+    cases = [*cuts(lora), *cuts(embedding), *cuts(model, sample=MODEL_CUTS), *mutations(lora, MUTATIONS, 1),
+             *mutations(embedding, MUTATIONS, 2), *mutations(model, MUTATIONS, 3), *junk(lora, 4),
+             *junk(embedding, 5), *junk(model, 6)]
+    tracemalloc.start()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    outcomes = _run(corpus, cases)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) * 1024
+    total = len(cases)
+    print(f"\n{total} cases, {sum(outcomes.values())} reads: {outcomes}; Python peak {peak / 2**20:.1f} MiB, "
+          f"RSS grew {grown / 2**20:.1f} MiB")
+    assert total > 3000 and outcomes["UserError"] > 0.9 * sum(outcomes.values())
+    assert peak < 64 * 2**20 and grown < 256 * 2**20
