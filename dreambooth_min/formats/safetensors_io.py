@@ -101,12 +101,12 @@ def is_finite(t):
 def _parse_header(raw, path):
     """The header's JSON; a name given twice is refused (JSON would keep the last and leave a gap)."""
     def unique(pairs):
-        seen = {}
-        for k, v in pairs:
-            if k in seen:
-                raise UserError(f"{path} is not a valid .safetensors file: tensor {_short(k)} appears twice in its header")
-            seen[k] = v
-        return seen
+        found = dict(pairs)
+        if len(found) < len(pairs):
+            twice = next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i]))
+            raise UserError(f"{path} is not a valid .safetensors file: tensor {_short(twice)} appears twice in "
+                            "its header")
+        return found
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
     except (UnicodeDecodeError, ValueError, RecursionError):  # JSONDecodeError, an integer of 5000 digits
