@@ -191,7 +191,7 @@ def junk(data, seed, sparse=False):
 
 def issue_cases(lora):
     """The ten files of issue 33, built from the valid LoRA."""
-    header, body = _split(lora)
+    header, body = _split(lora.read_bytes())
     name = next(k for k in header if k.endswith("lora_down.weight"))
 
     def edit(change):
@@ -278,3 +278,106 @@ def test_the_corpus_gives_only_user_errors(corpus, group, no_big_allocations):
           f"{peak / 2**20:.1f} MiB, RSS grew {grown / 2**20:.1f} MiB")
     assert outcomes["UserError"] > 0.9 * sum(outcomes.values())
     assert peak < 32 * 2**20 and grown < 256 * 2**20
+
+
+# ---------------------------------------------------------------------------------------------------
+# The issue's ten files, one line each, naming the file and the tensor
+
+
+ISSUE_MESSAGES = {"missing data_offsets": "has no data_offsets", "entry not an object": "is a JSON list, not an object",
+                  "header a JSON list": "its header is a JSON list", "shape a string": "not a list of non-negative",
+                  "40 TB promise": "40000000000000 bytes", "20 GB promise, offsets agreeing": "is truncated",
+                  "NaN LoRA": "holds NaN or infinite values", "bytes not matching the shape": "hold 256",
+                  "offsets backwards": "not [begin, end] with 0 <= begin <= end", "dtype not a string": "not a string"}
+
+
+@pytest.mark.parametrize("flag", ["--lora", "--embedding", "--model"])
+def test_the_issues_files_through_sample_py(corpus, flag, tmp_path, capsys, monkeypatch, no_big_allocations):
+    if flag != "--model":  # the model is the tiny one each time: load it once
+        monkeypatch.setattr(dreambooth_min, "load", lambda *a, **kw: copy.copy(corpus["sd"]))
+    cases = issue_cases(corpus["lora"])
+    assert set(cases) == set(ISSUE_MESSAGES)
+    name = next(k for k in _split(corpus["lora"].read_bytes())[0] if k.endswith("lora_down.weight"))
+    for label, data in cases.items():
+        path = tmp_path / f"{label.replace(' ', '_')}.safetensors"
+        path.write_bytes(data)
+        out = tmp_path / "out.png"
+        model = [] if flag == "--model" else ["--model", str(corpus["model"])]
+        assert sample.main(model + [flag, str(path), "--prompt", "a dog", "--steps", "2", "--height", "32",
+                                    "--width", "32", "--no-progress", "--out", str(out)]) == 2, label
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, (label, err)
+        if flag == "--model" and label == "NaN LoRA":  # its names say what it is, before any value is read
+            assert "is a LoRA file, not a model" in err
+            continue
+        assert ISSUE_MESSAGES[label] in err and str(path) in err, (label, err)
+        assert label == "header a JSON list" or name in err, (label, err)
+        assert not out.exists()
+
+
+def test_a_nan_in_a_model_file_names_the_tensor(corpus, tmp_path):
+    header, body = _split(Path(corpus["model"]).read_bytes())
+    name = "model.diffusion_model.out.2.weight"
+    begin = header[name]["data_offsets"][0]
+    body = bytearray(body)
+    body[begin:begin + 4] = np.array([np.inf], dtype=np.float32).tobytes()
+    path = tmp_path / "poisoned.safetensors"
+    path.write_bytes(_file(header, bytes(body)))
+    with pytest.raises(NonFinite, match=f"{path}: tensor {name} holds NaN or infinite values"):
+        dreambooth_min.load(path)
+
+
+def test_is_finite_without_a_false_alarm():
+    big = torch.full((1000,), 3e38)  # finite, but its float32 sum overflows
+    assert safetensors_io.is_finite(big) and safetensors_io.is_finite(big.half().clamp(-6e4, 6e4))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        t = torch.zeros(10, dtype=dtype)
+        assert safetensors_io.is_finite(t)
+        t[7] = float("nan")
+        assert not safetensors_io.is_finite(t)
+        t[7] = -float("inf")
+        assert not safetensors_io.is_finite(t)
+    assert safetensors_io.is_finite(torch.tensor([2**62]))  # integers are always finite
+
+
+# ---------------------------------------------------------------------------------------------------
+# No black image: latents or VAE output gone non-finite
+
+
+def test_an_exploding_lora_leaves_no_black_png(corpus, tmp_path, capsys):
+    """Finite factors so large (too high a learning rate) that the merged weights overflow: the latents go NaN."""
+    tensors = {k: v * 1e20 if "lora_" in k else v for k, v in _lora_tensors(corpus["sd"]).items()}
+    save_lora(tmp_path / "exploded.safetensors", tensors)
+    out = tmp_path / "out.png"
+    assert sample.main(["--model", str(corpus["model"]), "--lora", str(tmp_path / "exploded.safetensors"),
+                        "--prompt", "a dog", "--steps", "2", "--height", "32", "--width", "32", "--num-images", "2",
+                        "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the latents went NaN or infinite") and "poisoned LoRA" in err
+    assert "too high a learning rate" in err and "\n" not in err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_vae_overflow_is_named(corpus, monkeypatch):
+    from dreambooth_min import sampling
+
+    sd = copy.copy(corpus["sd"])
+    monkeypatch.setattr(sd, "vae", copy.deepcopy(sd.vae))
+    monkeypatch.setattr(sd.vae, "decode", lambda z: torch.full((1, 3, 32, 32), float("inf")))
+    with pytest.raises(NonFinite, match="the VAE's output went NaN or infinite.*VAE overflowed in float32"):
+        sampling.decode(sd, torch.zeros(1, 4, 4, 4))
+
+
+def test_validation_warns_and_skips_the_images(corpus, tmp_path, monkeypatch, capsys):
+    from dreambooth_min import sampling
+
+    monkeypatch.setattr(sampling, "ddim_sample", lambda unet, x_T, *a, **kw: torch.full_like(x_T, float("nan")))
+    cfg = config(tmp_path, corpus["model"], steps=2, validate_every=1, validation_images=1, validation_steps=2,
+                 prior_weight=0.0)
+    messages = []
+    result = train(cfg, log=messages.append)
+    out = capsys.readouterr()
+    lines = [m for m in messages + (out.out + out.err).splitlines() if m.startswith("warning: validation")]
+    assert lines and all("NonFinite: the latents went NaN or infinite" in m and "training goes on" in m for m in lines)
+    assert Path(result["lora"]).is_file()  # the run went on to its end
+    assert not list((Path(cfg.output) / "samples").rglob("epoch_*.png"))

@@ -117,7 +117,7 @@ def _parse_header(raw, path):
     return header
 
 
-def _short(value, limit=60):
+def _short(value, limit=200):
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
