@@ -381,3 +381,46 @@ def test_validation_warns_and_skips_the_images(corpus, tmp_path, monkeypatch, ca
     assert lines and all("NonFinite: the latents went NaN or infinite" in m and "training goes on" in m for m in lines)
     assert Path(result["lora"]).is_file()  # the run went on to its end
     assert not list((Path(cfg.output) / "samples").rglob("epoch_*.png"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# train.py --resume over a hostile checkpoint: the one before it is used
+
+
+def _poison(path):
+    """The LoRA at `path` with one NaN in its first factor."""
+    header, body = _split(path.read_bytes())
+    name = next(k for k in sorted(header) if k.endswith("lora_down.weight"))
+    body = bytearray(body)
+    begin = header[name]["data_offsets"][0]
+    body[begin:begin + 4] = np.array([np.nan], dtype=np.float32).tobytes()
+    return _file(header, bytes(body)), name
+
+
+def test_resume_passes_over_a_hostile_checkpoint(corpus, tmp_path):
+    import dataclasses
+
+    cfg = config(tmp_path, corpus["model"], steps=6, prior_weight=0.0, save_every=2)
+    train(cfg, stop_after=5, log=lambda m: None)  # checkpoints 4 and 5
+    lora = Path(cfg.output) / "checkpoints" / "step_000005" / "lora.safetensors"
+    poisoned, name = _poison(lora)
+    header, body = _split(lora.read_bytes())
+    cases = {"NaN, manifest agreeing": (poisoned, f"tensor {name} holds NaN"),
+             "entry not an object, manifest agreeing": (_file(dict(header, **{name: [1]}), body), "not an object"),
+             "a cut header, manifest stale": (lora.read_bytes()[:100], "truncated?")}
+    for label, (data, why) in cases.items():
+        run = tmp_path / label.replace(" ", "_").replace(",", "")
+        shutil.copytree(cfg.output, run)
+        hostile = run / "checkpoints" / "step_000005" / "lora.safetensors"
+        hostile.write_bytes(data)
+        if "agreeing" in label:  # a manifest vouching for the file, as if copied in by hand
+            manifest_path = hostile.parent / MANIFEST
+            manifest = json.loads(manifest_path.read_text())
+            manifest["files"]["lora.safetensors"] = {"bytes": len(data), "sha256": sha256(hostile)}
+            manifest_path.write_text(json.dumps(manifest))
+        messages = []
+        result = train(dataclasses.replace(cfg, output=str(run)), resume=True, log=messages.append)
+        warnings = [m for m in messages if m.startswith("warning:")]
+        assert len(warnings) == 1 and "step_000005" in warnings[0] and why in warnings[0], (label, messages)
+        assert any(m.startswith("resumed from") and "step_000004" in m for m in messages), (label, messages)
+        assert load_lora(result["lora"])[0].keys() == load_lora(lora)[0].keys()  # steps 5 and 6 redone
