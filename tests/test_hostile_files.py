@@ -307,12 +307,25 @@ def test_the_issues_files_through_sample_py(corpus, flag, tmp_path, capsys, monk
                                     "--width", "32", "--no-progress", "--out", str(out)]) == 2, label
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, (label, err)
-        if flag == "--model" and label == "NaN LoRA":  # its names say what it is, before any value is read
-            assert "is a LoRA file, not a model" in err
+        if flag != "--lora" and label == "NaN LoRA":  # its names and shapes say what it is, before any value is read
+            assert "is a LoRA file, not a model" in err if flag == "--model" else "not a textual-inversion" in err
             continue
         assert ISSUE_MESSAGES[label] in err and str(path) in err, (label, err)
         assert label == "header a JSON list" or name in err, (label, err)
         assert not out.exists()
+
+
+def test_a_nan_embedding_through_sample_py(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(dreambooth_min, "load", lambda *a, **kw: copy.copy(corpus["sd"]))
+    data = bytearray(corpus["embedding"].read_bytes())
+    data[-4:] = np.array([np.inf], dtype=np.float32).tobytes()
+    path = tmp_path / "inf.safetensors"
+    path.write_bytes(bytes(data))
+    assert sample.main(["--model", str(corpus["model"]), "--embedding", str(path), "--prompt", "<s0><s1>",
+                        "--no-progress", "--out", str(tmp_path / "out.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {path}: tensor emb_params holds NaN or infinite values: the file is damaged or was saved " \
+                  "from a training that diverged (it would draw black images)"
 
 
 def test_a_nan_in_a_model_file_names_the_tensor(corpus, tmp_path):
