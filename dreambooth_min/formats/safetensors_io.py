@@ -89,13 +89,12 @@ class SafetensorsFile:
 
 
 def is_finite(t):
-    """Whether every value of `t` is finite, without a copy of `t`: NaN and infinity make the float32 (float64)
-    sum non-finite; only a sum that overflowed from finite values is looked at again, in slices."""
+    """Whether every value of `t` is finite, in one pass and without a copy: the minimum and maximum carry a
+    NaN through, and an infinity is one of them. (An fp16 tensor's float32 sum would be 5-20x slower.)"""
     if not t.is_floating_point() or t.numel() == 0:
         return True
-    if torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)):
-        return True
-    return all(bool(torch.isfinite(part).all()) for part in t.reshape(-1).split(1 << 22))
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
 def _parse_header(raw, path):
