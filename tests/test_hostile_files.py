@@ -437,3 +437,14 @@ def test_resume_passes_over_a_hostile_checkpoint(corpus, tmp_path):
         assert len(warnings) == 1 and "step_000005" in warnings[0] and why in warnings[0], (label, messages)
         assert any(m.startswith("resumed from") and "step_000004" in m for m in messages), (label, messages)
         assert load_lora(result["lora"])[0].keys() == load_lora(lora)[0].keys()  # steps 5 and 6 redone
+
+
+def test_openclips_causal_mask_is_not_a_poison(tiny_sd2, tmp_path):
+    """OpenCLIP checkpoints may keep `attn_mask`, -inf above the diagonal by design: it is not read."""
+    header, body = _split(Path(tiny_sd2["single"]).read_bytes())
+    mask = torch.full((77, 77), float("-inf")).triu(1)
+    header["cond_stage_model.model.attn_mask"] = {"dtype": "F32", "shape": [77, 77],
+                                                  "data_offsets": [len(body), len(body) + mask.numel() * 4]}
+    path = tmp_path / "with_mask.safetensors"
+    path.write_bytes(_file(header, body + mask.numpy().tobytes()))
+    assert dreambooth_min.load(path).version == "sd2"
