@@ -33,8 +33,8 @@ from dreambooth_min.run.state import MANIFEST, sha256
 from dreambooth_min.run.training import train
 from test_training import config
 
-MUTATIONS = 200  # seeded header mutations of the LoRA and of the embedding
-MODEL_MUTATIONS = 100  # and of the model
+MUTATIONS = 150  # seeded header mutations of the LoRA and of the embedding
+MODEL_MUTATIONS = 60  # and of the model
 MODEL_CUTS = 200  # the model's header is 92 KB: a seeded sample of its cuts (all 92 K pass too, in minutes)
 
 
@@ -419,8 +419,8 @@ def test_resume_passes_over_a_hostile_checkpoint(corpus, tmp_path):
     poisoned, name = _poison(lora)
     header, body = _split(lora.read_bytes())
     cases = {"NaN, manifest agreeing": (poisoned, f"tensor {name} holds NaN"),
-             "entry not an object, manifest agreeing": (_file(dict(header, **{name: [1]}), body), "not an object"),
-             "a cut header, manifest stale": (lora.read_bytes()[:100], "truncated?")}
+             "entry not an object, manifest agreeing": (_file(dict(header, **{name: [1]}), body), "not an object")}
+    # (a file whose manifest is stale, cut or changed: tests/test_faults.py)
     for label, (data, why) in cases.items():
         run = tmp_path / label.replace(" ", "_").replace(",", "")
         shutil.copytree(cfg.output, run)
