@@ -35,7 +35,7 @@ from test_training import config
 
 MUTATIONS = 150  # seeded header mutations of the LoRA and of the embedding
 MODEL_MUTATIONS = 60  # and of the model
-MODEL_CUTS = 200  # the model's header is 92 KB: a seeded sample of its cuts (all 92 K pass too, in minutes)
+MODEL_CUTS = 200  # the model's header is 92 KB: a seeded sample of its cuts (every one takes minutes)
 
 
 def _lora_tensors(sd):
