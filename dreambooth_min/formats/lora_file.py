@@ -104,7 +104,8 @@ def load_lora(path):
     if not path.is_file():
         raise UserError(f"LoRA file {path} does not exist")
     f = SafetensorsFile(path)
-    return {k: f.read(k) for k in f.entries}, f.metadata
+    _refuse_other_kinds(f.entries)  # by the names alone, before a model given here is read whole
+    return {k: f.read(k) for k in f.entries}, f.metadata  # every value checked finite (NonFinite names the tensor)
 
 
 # ---------------------------------------------------------------------------------------------------

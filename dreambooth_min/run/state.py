@@ -196,6 +196,10 @@ def checkpoint_problem(folder):
             return f"{name} has {path.stat().st_size} bytes, its manifest says {entry.get('bytes')} (truncated?)"
         if sha256(path) != entry.get("sha256"):
             return f"{name} does not match its SHA-256 in {MANIFEST}"
+    try:  # a manifest can vouch for a bad file too (copied in by hand): its header and values are checked
+        load_lora(folder / "lora.safetensors")
+    except UserError as e:
+        return str(e)
     return None
 
 
