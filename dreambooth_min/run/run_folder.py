@@ -34,6 +34,7 @@ class RunFolder:
         """The run folder, checked before any slow work: free (or resumable) and writable."""
         run = cls(output or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
         if resume and run.lora_path.exists():
+            run.remove_temporary_files()  # killed while writing report.html, after the LoRA: no leftovers
             raise UserError(f"the run in {run.path} is finished: its LoRA is {run.lora_path}")
         if resume and run.latest_checkpoint() is None and not run.log_path.exists():
             raise UserError(f"nothing to resume in {run.path}: it has no checkpoints/ (a run interrupted before "
