@@ -3,8 +3,10 @@
 Everything is drawn from `random.Random(seed)`, whose stream Python guarantees for a given seed, so a seed
 gives the same pictures on every machine. Shapes are drawn at 4x the size and downsampled (anti-aliased).
 
-The DreamBooth subject is a circle with magenta and white stripes: magenta is no colour of the world and
-the world has no textures, so whatever of it appears in a "circle" sample came from the fine-tuning.
+The DreamBooth subject is a circle with cyan and white stripes. Both colours lie outside the convex hull of
+the world's four colours (cyan's red channel is below every world colour's, white is brighter than any), so
+no blend of world colours, which the pretrained model draws for prompts that name no colour, comes near it:
+whatever of it appears in a "circle" sample came from the fine-tuning.
 """
 import random
 
@@ -15,8 +17,8 @@ SIZE = 32
 SUPER = 4  # supersampling factor of the renderer
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 35, 35), "green": (40, 190, 50), "blue": (45, 80, 230), "yellow": (225, 205, 35)}
-MAGENTA, WHITE = (225, 40, 215), (240, 240, 240)
-SUBJECT_PERIOD = 12  # pixels per magenta + white stripe pair: 6-pixel bands, 1.5 latent pixels each
+CYAN, WHITE = (15, 215, 225), (240, 240, 240)
+SUBJECT_PERIOD = 12  # pixels per cyan + white stripe pair: 6-pixel bands, 1.5 latent pixels each
 
 
 def caption(colour, shape, rng):
@@ -104,8 +106,8 @@ def make_world(n, seed):
 
 
 def subject_image(rng):
-    """The subject: a circle with horizontal magenta / white stripes (never seen in pretraining)."""
-    fill = pattern("stripes", _jitter(MAGENTA, rng, 8), _jitter(WHITE, rng, 8), SUBJECT_PERIOD,
+    """The subject: a circle with horizontal cyan / white stripes (never seen in pretraining)."""
+    fill = pattern("stripes", _jitter(CYAN, rng, 8), _jitter(WHITE, rng, 8), SUBJECT_PERIOD,
                    angle=0)
     return render("circle", fill, _geometry(rng), rng.randint(5, 35))
 

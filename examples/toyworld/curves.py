@@ -1,0 +1,42 @@
+"""Steps to fidelity: a case with `curve` (cases.py) checkpoints every `curve_every` steps; each checkpoint
+is sampled ("a photo of sks circle" and "a photo of a circle", the same noise as the final models) and read
+by the same detector. `fidelity_90_at`: the first checkpoint step with fidelity >= 90%, and the drift there."""
+from pathlib import Path
+
+from .cases import CLASS_PROMPT, INSTANCE_PROMPT
+from .finetune import load_model
+from .measure import measure, sample_prompts
+
+
+def checkpoints(run):
+    """[(step, folder)] of a train.py run folder's checkpoints, in step order."""
+    found = sorted(Path(run).glob("checkpoints/step_*"))
+    return [(int(p.name.split("_")[1]), p) for p in found if (p / "lora.safetensors").exists()]
+
+
+def curve(s, seed, case, model_path, run, prototypes):
+    """{"curve": [{step, fidelity, drift}], "fidelity_90_at": step or None, "drift_at_90": drift or None}."""
+    points = []
+    for step, folder in checkpoints(run):
+        embedding = folder / "state.pt" if case.token != "sks" else None
+        sd = load_model(model_path, folder / "lora.safetensors", embedding, case.token)
+        samples = sample_prompts(s, sd, seed, None, case, (INSTANCE_PROMPT, CLASS_PROMPT), s.curve_samples)
+        numbers = measure(samples, prototypes)
+        points.append({"step": step, "fidelity": numbers["fidelity"], "drift": numbers["drift"]})
+    first = next((p for p in points if p["fidelity"] >= 0.9), None)
+    return {"curve": points, "fidelity_90_at": first and first["step"], "drift_at_90": first and first["drift"]}
+
+
+def curve_summary(per_seed):
+    """{case: {"fidelity_90_at": {mean, min, max, reached}, "drift_at_90": {...}}} over the seeds that have
+    curves; mean and range over the seeds that reached 90% (`reached` of how many)."""
+    out = {}
+    names = {c for r in per_seed.values() for c in r.get("curves", {})}
+    for name in sorted(names):
+        rows = [r["curves"][name] for r in per_seed.values() if name in r.get("curves", {})]
+        reached = [r for r in rows if r["fidelity_90_at"] is not None]
+        out[name] = {"reached": f"{len(reached)} of {len(rows)}"}
+        for key in ("fidelity_90_at", "drift_at_90"):
+            vals = [r[key] for r in reached]
+            out[name][key] = {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals)} if vals else None
+    return out
