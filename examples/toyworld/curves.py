@@ -8,18 +8,22 @@ from .finetune import load_model
 from .measure import measure, sample_prompts
 
 
-def checkpoints(run):
-    """[(step, folder)] of a train.py run folder's checkpoints, in step order."""
+def checkpoints(run, steps):
+    """[(step, LoRA file, embedding file or checkpoint state)] of a train.py run folder, in step order: its
+    checkpoints, then the final LoRA (step `steps`) when no checkpoint has it."""
     found = sorted(Path(run).glob("checkpoints/step_*"))
-    return [(int(p.name.split("_")[1]), p) for p in found if (p / "lora.safetensors").exists()]
+    points = [(int(p.name.split("_")[1]), p / "lora.safetensors", p / "state.pt") for p in found
+              if (p / "lora.safetensors").exists()]
+    if not points or points[-1][0] < steps:
+        points.append((steps, Path(run) / "lora.safetensors", Path(run) / "embedding.safetensors"))
+    return points
 
 
 def curve(s, seed, case, model_path, run, prototypes):
     """{"curve": [{step, fidelity, drift}], "fidelity_90_at": step or None, "drift_at_90": drift or None}."""
     points = []
-    for step, folder in checkpoints(run):
-        embedding = folder / "state.pt" if case.token != "sks" else None
-        sd = load_model(model_path, folder / "lora.safetensors", embedding, case.token)
+    for step, lora, embedding in checkpoints(run, s.db_steps):
+        sd = load_model(model_path, lora, embedding if case.token != "sks" else None, case.token)
         samples = sample_prompts(s, sd, seed, None, case, (INSTANCE_PROMPT, CLASS_PROMPT), s.curve_samples)
         numbers = measure(samples, prototypes)
         points.append({"step": step, "fidelity": numbers["fidelity"], "drift": numbers["drift"]})

@@ -1,23 +1,31 @@
 """The instrument: reads a 32x32 sample and names its shape's colour (a world colour, or "subject").
 
 Calibration (`calibrate`), fixed before any DreamBooth run: held-out world pictures and subject pictures,
-passed through the toy model's own autoencoder (what the model *can* draw), give one prototype each: the
-mean RGB of the shapes of each world colour, and of the subject's. Nothing else is calibrated or tuned:
-a sample is named after the nearest prototype, with no margin and no threshold.
+passed through the toy model's own autoencoder (what the model *can* draw), give the prototypes: the mean
+RGB of the shapes of each world colour, of the subject's shapes, and of the world's backgrounds. Nothing
+else is calibrated or tuned; there is no margin and no threshold.
 
-Two readings of the same prototypes, both reported:
-1. `nearest` (the headline numbers): the shape's mean RGB, named after the nearest prototype.
-2. `pixel_vote` (the *_pixels numbers): every pixel of the shape named after its nearest prototype; the
-   shape gets the name most of its pixels have. It sees stripes the mean blurs, and a half-and-half blend.
+The rule (`_read`): a colour is the subject when it is nearer the subject's prototype than any blend of the
+world's prototypes and the background (their convex hull: what the pretrained model draws for a prompt
+that names no colour, and a shape's edge darkened towards the background); else it is the nearest world
+colour. The subject (cyan and white stripes) lies outside that hull, so no blend of world colours reads as
+it; `floor` in results.json is how often the untouched model is read as the subject anyway.
 
-The subject (cyan and white stripes) lies outside the convex hull of the world's colours: a blend of world
-colours, which the pretrained model draws for "a circle" (a prompt that names no colour), stays nearer a
-world colour. `floor` in results.json is how often the untouched model is read as the subject anyway.
+Two readings with the same rule, both reported:
+1. `nearest` (the headline numbers): the shape's mean RGB.
+2. `pixel_vote` (the *_pixels numbers): every pixel of the shape read by itself; the shape gets the name
+   most of its pixels have.
+
+The masked-loss case reads the background too (`background`): the mean colour of the pixels that are not
+the shape, named after the nearer of two prototypes calibrated the same way: the world's plain dark grey
+backgrounds and the brown checkerboard behind the subject's busy photos.
 
 Foreground = pixels with a channel >= 90 (FOREGROUND): the renderer's backgrounds are <= 35 and every
 shape colour has a channel >= 175, so this is a property of the world, not a tuned number. Fewer than
 12 such pixels = no shape ("none"); a 32x32 picture's smallest shape has about 100.
 """
+from itertools import combinations
+
 import numpy as np
 
 FOREGROUND = 90
@@ -43,43 +51,82 @@ def mean_colour(image):
 
 def calibrate(world_images, world_colours, subject_images):
     """{name: mean RGB}: the prototype of each world colour and of "subject" (the mean of its shapes' mean
-    colours). The only parameters of the detector."""
+    colours), and "background" (the world pictures' mean background colour). The only parameters."""
     groups = {}
     for im, name in list(zip(world_images, world_colours)) + [(im, "subject") for im in subject_images]:
         c = mean_colour(im)
         if c is not None:
             groups.setdefault(name, []).append(c)
-    return {name: np.mean(cs, 0).tolist() for name, cs in groups.items()}
+    found = {name: np.mean(cs, 0).tolist() for name, cs in groups.items()}
+    found["background"] = np.mean([background_colour(im) for im in world_images], 0).tolist()
+    return found
 
 
-def _nearest_index(colours, prototypes):
-    """Index into `prototypes` (names, [K, 3]) of the nearest prototype for each row of `colours` [N, 3]."""
-    names, table = prototypes
-    return np.argmin(((colours[:, None, :] - table[None]) ** 2).sum(-1), axis=1)
+def _world_names(prototypes):
+    return sorted(n for n in prototypes if n not in ("subject", "background"))
 
 
-def _table(prototypes):
-    names = sorted(prototypes)
-    return names, np.array([prototypes[n] for n in names], dtype=np.float64)
+def hull_distance(colours, vertices):
+    """Exact distance of each row of `colours` [N, 3] to the convex hull of `vertices` [K, 3]: the nearest
+    point of a 3-d hull lies inside one of its simplices of at most 4 vertices (Caratheodory), where it is
+    the projection onto that simplex's affine span with non-negative weights; 0 inside the hull."""
+    best = np.full(len(colours), np.inf)
+    for k in range(1, min(4, len(vertices)) + 1):
+        for subset in combinations(range(len(vertices)), k):
+            v = vertices[list(subset)]
+            x, d = colours - v[0], v[1:] - v[0]
+            if k > 1 and np.linalg.matrix_rank(d) < k - 1:
+                continue  # a degenerate simplex (collinear, coplanar): its faces are covered by the others
+            a = x @ d.T @ np.linalg.inv(d @ d.T) if k > 1 else np.zeros((len(x), 0))
+            inside = (a >= -1e-9).all(1) & (a.sum(1) <= 1 + 1e-9)
+            dist = np.sqrt(((x - a @ d) ** 2).sum(1))
+            best = np.where(inside, np.minimum(best, dist), best)
+    return best
+
+
+def _read(colours, prototypes):
+    """Name of each row of `colours` [N, 3]: "subject" when nearer the subject's prototype than any blend of
+    the world's colours and the background (the hull), else the nearest world colour."""
+    world = _world_names(prototypes)
+    table = np.array([prototypes[n] for n in world], dtype=np.float64)
+    d_hull = hull_distance(colours, np.vstack([table, prototypes["background"]]))
+    d_subject = np.sqrt(((colours - np.asarray(prototypes["subject"])) ** 2).sum(-1))
+    nearest_world = np.argmin(((colours[:, None, :] - table[None]) ** 2).sum(-1), axis=1)
+    return ["subject" if ds < dh else world[i] for ds, dh, i in zip(d_subject, d_hull, nearest_world)]
 
 
 def nearest(image, prototypes):
-    """Name of the prototype nearest to the shape's mean colour; "none" without a shape."""
+    """The shape's name read from its mean colour (`_read`); "none" without a shape."""
     c = mean_colour(image)
-    if c is None:
-        return "none"
-    names, table = _table(prototypes)
-    return names[int(_nearest_index(c[None], (names, table))[0])]
+    return "none" if c is None else _read(c[None], prototypes)[0]
 
 
 def pixel_vote(image, prototypes):
-    """Name most of the shape's pixels have, each pixel named after its nearest prototype; "none" without one."""
+    """The name most of the shape's pixels have, each pixel read by itself (`_read`); "none" without a shape."""
     fg = foreground(image)
     if fg is None:
         return "none"
-    names, table = _table(prototypes)
-    votes = np.bincount(_nearest_index(fg, (names, table)), minlength=len(names))
-    return names[int(votes.argmax())]
+    names, counts = np.unique(_read(fg, prototypes), return_counts=True)
+    return str(names[counts.argmax()])
+
+
+def background_colour(image):
+    """Mean RGB of the background (every pixel that is not the shape's)."""
+    a = _pixels(image)
+    return a[a.max(-1) < FOREGROUND].astype(np.float64).mean(0)
+
+
+def calibrate_backgrounds(plain_images, busy_images):
+    """{"plain", "busy"}: mean background colour of the world's pictures and of the subject's busy-background
+    photos (the masked-loss case), both through the autoencoder."""
+    return {name: np.mean([background_colour(im) for im in images], 0).tolist()
+            for name, images in (("plain", plain_images), ("busy", busy_images))}
+
+
+def background(image, prototypes):
+    """"busy" or "plain": the nearer background prototype to the picture's mean background colour."""
+    c = background_colour(image)
+    return min(prototypes, key=lambda n: float(((c - np.asarray(prototypes[n])) ** 2).sum()))
 
 
 def rate(flags):
@@ -99,3 +146,9 @@ def accuracy(world_images, world_colours, subject_images, prototypes):
                         "subject_false_alarm": rate(n == "subject" for n in world_names)}
     out.update(n_world=len(world_images), n_subject=len(subject_images))
     return out
+
+
+def background_accuracy(plain_images, busy_images, prototypes):
+    return {"plain_read_plain": rate(background(im, prototypes) == "plain" for im in plain_images),
+            "busy_read_busy": rate(background(im, prototypes) == "busy" for im in busy_images),
+            "n_plain": len(plain_images), "n_busy": len(busy_images)}
