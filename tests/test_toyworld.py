@@ -70,19 +70,14 @@ def test_detector_calibrated_on_pictures_reads_held_out_pictures():
 
 def test_no_blend_of_world_colours_reads_as_the_subject():
     """The subject lies outside the hull of the world's colours and the background: no mix of world colours
-    (what the pretrained model draws for a prompt that names no colour), darkened or not, reads as it, even
-    yellow + blue, whose grey is nearer the subject's pale cyan than any world colour."""
+    (what the pretrained model draws for a prompt that names no colour), darkened or not, reads as it."""
     protos = _rendered_prototypes(1)
     rng = np.random.default_rng(0)
     vertices = np.array([protos[n] for n in world.COLOURS] + [protos["background"]])
     mixes = np.concatenate([rng.dirichlet(np.full(5, a), size=200) for a in (0.3, 1.0)]) @ vertices
     names = detect._read(mixes[mixes.max(1) >= detect.FOREGROUND], protos)
     assert "subject" not in names and len(names) > 200
-    grey = (np.array(protos["yellow"]) + np.array(protos["blue"])) / 2
-    d = {n: np.linalg.norm(grey - np.array(protos[n])) for n in list(world.COLOURS) + ["subject"]}
-    assert min(d, key=d.get) == "subject" and detect.nearest(_flat(grey.astype(np.uint8)), protos) != "subject"
     assert detect.nearest(_flat(world.CYAN), protos) == "subject"
-    assert detect.nearest(_flat(world.WHITE), protos) == "subject"
 
 
 def test_pixel_vote_reads_pixels_and_nearest_reads_the_mean():
