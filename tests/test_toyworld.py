@@ -90,28 +90,15 @@ def test_pixel_vote_reads_pixels_and_nearest_reads_the_mean():
     assert detect.pixel_vote(a, protos) == "subject" and detect.nearest(a, protos) == "subject"
 
 
-def test_background_reading_and_busy_photos_with_masks():
-    pairs = world.make_busy_subject(6, 0)
-    plain, _, _, _ = world.make_world(30, 0)
-    protos = detect.calibrate_backgrounds(plain, [im for im, _ in pairs])
-    assert all(detect.background(im, protos) == "busy" for im, _ in world.make_busy_subject(10, 1))
-    assert all(detect.background(im, protos) == "plain" for im in world.make_world(30, 1)[0])
-    for im, mask in pairs:
-        a, m = np.asarray(im), np.asarray(mask)
-        assert set(np.unique(m)) == {0, 255} and a[m == 0].max() < detect.FOREGROUND  # background is no shape
-        assert detect.nearest(im, _rendered_prototypes(1)) == "subject"
-
-
 def test_train_commands_of_the_cases():
     s = tiny_settings()
     by_name = {c.name: c for c in CASES}
-    cmd = lambda name: train_command(s, 3, "m", Path("o") / by_name[name].images, Path("r"), by_name[name], "c")
+    cmd = lambda name: train_command(s, 3, "m", Path("o"), Path("r"), by_name[name], "c")
     assert "--no-prior" in cmd("no_prior") and "--prior-weight" not in cmd("no_prior")
     assert cmd("prior")[cmd("prior").index("--save-every") + 1] == str(s.curve_every)
     assert cmd("no_prior")[cmd("no_prior").index("--save-every") + 1] == "0"
     assert "--pivotal" in cmd("pivotal") and cmd("pivotal")[cmd("pivotal").index("--prompt") + 1] == TRAIN_PROMPT
     assert by_name["pivotal"].prompt(PROMPTS[0]) == "a photo of <s0><s1> circle"
-    assert cmd("busy_masked")[cmd("busy_masked").index("--images") + 1].endswith("subject_busy_masked")
 
 
 def _mtime(path):
@@ -126,7 +113,7 @@ def test_tiny_pipeline_end_to_end_then_more_seeds_on_the_same_model(tmp_path):
     assert saved["goals"] == results["goals"] and saved["seeds"] == [0] and list(saved["per_seed"]) == ["0"]
     first, names = saved["per_seed"]["0"], ("pretrained", "prior", "pivotal")
     for m in names:
-        for key in ("fidelity", "drift", "red_kept", "floor", "fidelity_pixels", "drift_pixels", "busy_background"):
+        for key in ("fidelity", "drift", "red_kept", "floor", "fidelity_pixels", "drift_pixels"):
             assert 0.0 <= first[m][key] <= 1.0, (m, key)
             assert saved["summary"][m][key] == {"mean": first[m][key], "min": first[m][key], "max": first[m][key]}
         assert first[m]["floor"] == max(first[m][k] for k in ("fidelity", "drift", "red_subject"))
@@ -134,7 +121,6 @@ def test_tiny_pipeline_end_to_end_then_more_seeds_on_the_same_model(tmp_path):
     acc = saved["detector_accuracy"]  # calibrated on a tiny autoencoder's pictures: the values mean nothing here
     assert all(0 <= acc[k][r][m] <= 1 for k in ("rendered", "autoencoded") for r in ("nearest", "pixel_vote")
                for m in ("colour_correct", "subject_found", "subject_false_alarm"))
-    assert sorted(acc["background"]["prototypes"]) == ["busy", "plain"]
     for name in ("prior", "pivotal"):  # a point every 2 steps (tiny), read by the same detector
         points = first["curves"][name]["curve"]
         assert [p["step"] for p in points] == [2, 4] and all(0 <= p["fidelity"] <= 1 for p in points)
@@ -146,7 +132,6 @@ def test_tiny_pipeline_end_to_end_then_more_seeds_on_the_same_model(tmp_path):
     assert saved["model"] == "model" and str(tmp_path) not in json.dumps(saved)  # paths relative to --out
     assert (tmp_path / "model" / "model_index.json").exists() and (tmp_path / "pretrain.json").exists()
     assert len(list((tmp_path / "seed_0").glob("class_images_*/*.png"))) == 4
-    assert len(list((tmp_path / "subject_busy_masked").glob("*.mask.png"))) == 4
     from PIL import Image
 
     with Image.open(tmp_path / "figure.png") as fig:

@@ -22,7 +22,6 @@ class Case:
     args: tuple = ()  # further train.py arguments
     token: str = "sks"  # the identifier in "a photo of sks circle" when sampled (--pivotal: its new tokens)
     curve: bool = False  # a checkpoint every 50 steps, each sampled: steps to 90% fidelity (curves.py)
-    images: str = "subject"  # the photos' folder in --out (experiment.save_subject)
 
     def prompt(self, prompt):
         """`prompt` as this case's model is asked it: its own identifier instead of sks."""
@@ -34,12 +33,6 @@ CASES = (
     Case("prior", "DreamBooth LoRA with prior preservation", "DreamBooth + prior", prior=True, curve=True),
     Case("pivotal", "pivotal tuning (--pivotal) with prior preservation", "pivotal + prior", prior=True,
          args=("--pivotal",), token="<s0><s1>", curve=True),
-    # The subject on a busy background (brown checks), with prior preservation: without a mask the background
-    # is learnt with the subject; with train.py's loss masks (name.mask.png beside each photo) it is not.
-    Case("busy", "busy background, no mask (with prior preservation)", "busy, no mask", prior=True,
-         images="subject_busy"),
-    Case("busy_masked", "busy background, masked loss (with prior preservation)", "busy, masked", prior=True,
-         images="subject_busy_masked"),
 )
 PRETRAINED = Case("pretrained", "pretrained", "pretrained", prior=False)  # the model before any fine-tuning
 
@@ -73,10 +66,6 @@ GOALS = (
     Goal("no prior: drift >= 50%", "no_prior", "drift", False, 0.50),
     Goal("no prior: fidelity >= 60%", "no_prior", "fidelity", False, 0.60),
     Goal("prior: fidelity >= 60%", "prior", "fidelity", False, 0.60),
-    Goal("no mask: the busy background comes along >= 50%", "busy", "busy_background", False, 0.50),
-    Goal("masked: the busy background stays out <= floor + 10%", "busy_masked", "busy_background", True, 0.10,
-         above_floor=True),
-    Goal("masked: fidelity >= 60%", "busy_masked", "fidelity", False, 0.60),
 )
 
 

@@ -16,10 +16,6 @@ Two readings with the same rule, both reported:
 2. `pixel_vote` (the *_pixels numbers): every pixel of the shape read by itself; the shape gets the name
    most of its pixels have.
 
-The masked-loss case reads the background too (`background`): the mean colour of the pixels that are not
-the shape, named after the nearer of two prototypes calibrated the same way: the world's plain dark grey
-backgrounds and the brown checkerboard behind the subject's busy photos.
-
 Foreground = pixels with a channel >= 90 (FOREGROUND): the renderer's backgrounds are <= 35 and every
 shape colour has a channel >= 175, so this is a property of the world, not a tuned number. Fewer than
 12 such pixels = no shape ("none"); a 32x32 picture's smallest shape has about 100.
@@ -116,19 +112,6 @@ def background_colour(image):
     return a[a.max(-1) < FOREGROUND].astype(np.float64).mean(0)
 
 
-def calibrate_backgrounds(plain_images, busy_images):
-    """{"plain", "busy"}: mean background colour of the world's pictures and of the subject's busy-background
-    photos (the masked-loss case), both through the autoencoder."""
-    return {name: np.mean([background_colour(im) for im in images], 0).tolist()
-            for name, images in (("plain", plain_images), ("busy", busy_images))}
-
-
-def background(image, prototypes):
-    """"busy" or "plain": the nearer background prototype to the picture's mean background colour."""
-    c = background_colour(image)
-    return min(prototypes, key=lambda n: float(((c - np.asarray(prototypes[n])) ** 2).sum()))
-
-
 def rate(flags):
     flags = list(flags)
     return sum(map(bool, flags)) / max(1, len(flags))
@@ -147,8 +130,3 @@ def accuracy(world_images, world_colours, subject_images, prototypes):
     out.update(n_world=len(world_images), n_subject=len(subject_images))
     return out
 
-
-def background_accuracy(plain_images, busy_images, prototypes):
-    return {"plain_read_plain": rate(background(im, prototypes) == "plain" for im in plain_images),
-            "busy_read_busy": rate(background(im, prototypes) == "busy" for im in busy_images),
-            "n_plain": len(plain_images), "n_busy": len(busy_images)}

@@ -27,7 +27,7 @@ PRETRAIN_FIELDS = ("seed", "world_images", "texture_images", "vae_steps", "decod
 class Settings:
     seed: int = 0  # the world, the subject, pretraining and the detector's calibration
     seeds: int = 1  # DreamBooth runs, sampling and class images with seeds seed, seed + 1, ...
-    cases: tuple = tuple(c.name for c in CASES if c.name != "busy_masked")  # loss masks: train.py of issue 28
+    cases: tuple = tuple(c.name for c in CASES)
     world_images: int = 6000
     texture_images: int = 4000
     vae_steps: int = 600
@@ -85,16 +85,12 @@ class Timer:
 
 
 def save_subject(s, out):
-    """The subject's pictures (drawn from the world seed) into out/subject/, where train.py reads them; the
-    busy-background ones into out/subject_busy/, and with their loss masks into out/subject_busy_masked/."""
-    for name in ("subject", "subject_busy", "subject_busy_masked"):
-        (out / name).mkdir(parents=True, exist_ok=True)
+    """The subject's pictures (drawn from the world seed) into out/subject/, where train.py reads them."""
+    folder = out / "subject"
+    folder.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(world.make_subject(s.subject_images, s.seed)):
-        im.save(out / "subject" / f"{i:02d}.png")
-    for i, (im, mask) in enumerate(world.make_busy_subject(s.subject_images, s.seed)):
-        im.save(out / "subject_busy" / f"{i:02d}.png")
-        im.save(out / "subject_busy_masked" / f"{i:02d}.png")
-        mask.save(out / "subject_busy_masked" / f"{i:02d}.mask.png")
+        im.save(folder / f"{i:02d}.png")
+    return folder
 
 
 def detector_check(s, vae):
@@ -112,11 +108,7 @@ def detector_check(s, vae):
               "autoencoded": detect.accuracy(rec[:n], test_colours, rec[n:], prototypes),
               "prototypes": prototypes, "calibration": {"n_world": n, "n_subject": m, "seed": s.seed + 20_000},
               "held_out_seed": s.seed + 10_000}
-    busy = [autoencode(vae, [im for im, _ in world.make_busy_subject(m, s.seed + k)]) for k in (20_000, 10_000)]
-    plain = autoencode(vae, cal_images[:m]), rec[:m]
-    backgrounds = detect.calibrate_backgrounds(plain[0], busy[0])
-    result["background"] = detect.background_accuracy(plain[1], busy[1], backgrounds) | {"prototypes": backgrounds}
-    return (prototypes, backgrounds), result
+    return prototypes, result
 
 
 @torch.no_grad()
@@ -170,7 +162,7 @@ def relative(text, out):
     return text.replace(f"{Path(out).resolve()}/", "").replace(f"{out}/", "").replace(f"{ROOT}/", "")
 
 
-def run_seed(s, seed, out, model_path, instrument):
+def run_seed(s, seed, out, model_path, prototypes):
     """The DreamBooth part with one seed, into out/seed_<seed>/: class images, each case through train.py,
     samples of every model, the curves. Returns (samples, numbers, wall seconds, train.py commands)."""
     folder, timer, cases = out / f"seed_{seed}", Timer(), models(s.cases)
@@ -180,7 +172,7 @@ def run_seed(s, seed, out, model_path, instrument):
             class_dir = class_images(s, seed, model_path, folder)
     runs, commands = {}, {}
     for case in cases[1:]:
-        cmd = train_command(s, seed, model_path, out / case.images, folder / "runs" / case.name, case, class_dir)
+        cmd = train_command(s, seed, model_path, out / "subject", folder / "runs" / case.name, case, class_dir)
         commands[case.name] = relative(" ".join(cmd[1:]), out)
         with timer(f"dreambooth_{case.name}"):
             runs[case.name] = run_train(cmd, s.threads).parent
@@ -191,11 +183,11 @@ def run_seed(s, seed, out, model_path, instrument):
         return load_model(model_path, run and run / "lora.safetensors", embedding, case.token)
 
     with timer("sampling"):
-        samples, results = sample_all(s, seed, cases, pipeline, *instrument)
+        samples, results = sample_all(s, seed, cases, pipeline, prototypes)
     save_grids(samples, folder / "grids")
     results["goals"] = goals(results)
     with timer("curves"):
-        results["curves"] = {c.name: curve(s, seed, c, model_path, runs[c.name], instrument[0])
+        results["curves"] = {c.name: curve(s, seed, c, model_path, runs[c.name], prototypes)
                              for c in cases[1:] if c.curve}
     return samples, results, timer.seconds, commands
 
@@ -230,11 +222,11 @@ def run(s, out, model_path=None):
     if model_path is None:
         with timer("pretrain"):
             model_path = pretrained_model(s, out)
-    instrument, detectors = detector_check(s, load(model_path).vae)
+    prototypes, detectors = detector_check(s, load(model_path).vae)
     results = {"seeds": [], "per_seed": {}, "detector_accuracy": detectors, "settings": asdict(s),
                "model": relative(str(model_path), out), "prompts": dict(zip(("fidelity", "drift", "red_kept"), PROMPTS))}
     for seed in range(s.seed, s.seed + s.seeds):
-        samples, numbers, seconds, commands = run_seed(s, seed, out, model_path, instrument)
+        samples, numbers, seconds, commands = run_seed(s, seed, out, model_path, prototypes)
         if seed == s.seed:
             figure(samples, models(s.cases), out / "figure.png")
             results["train_commands"] = commands

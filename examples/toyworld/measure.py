@@ -28,12 +28,10 @@ def sample_prompts(s, sd, seed, bar, case, prompts=PROMPTS, n=None):
     return found
 
 
-def measure(samples, prototypes, backgrounds=None):
+def measure(samples, prototypes):
     """The numbers of one model from its samples: fidelity, drift and red_kept read by the shape's mean
     colour (detect.nearest), the *_pixels ones by its pixels' vote (detect.pixel_vote); `floor`: the largest
-    share of any prompt's samples read as the subject (the untouched model's is the detector's floor);
-    `busy_background`: share of "sks circle" samples whose background reads as the busy photos' (with
-    `backgrounds`, detect.calibrate_backgrounds)."""
+    share of any prompt's samples read as the subject (the untouched model's is the detector's floor)."""
     out = {}
     for suffix, read in (("", detect.nearest), ("_pixels", detect.pixel_vote)):
         names = {p: [read(im, prototypes) for im in images] for p, images in samples.items()}
@@ -46,9 +44,6 @@ def measure(samples, prototypes, backgrounds=None):
             out["floor" + suffix] = max(detect.rate(n == "subject" for n in v) for v in names.values())
         if suffix == "":
             out["circle_colours"] = _counts(names[CLASS_PROMPT])
-    if backgrounds is not None:
-        out["busy_background"] = detect.rate(detect.background(im, backgrounds) == "busy"
-                                             for im in samples[INSTANCE_PROMPT])
     return out
 def _counts(names):
     found = {}
@@ -72,7 +67,7 @@ def colour_accuracy(s, sd, seed, bar, prototypes):
     return hits / (n * len(world.COLOURS) * len(world.SHAPES))
 
 
-def sample_all(s, seed, models, load_model, prototypes, backgrounds=None):
+def sample_all(s, seed, models, load_model, prototypes):
     """({model: {prompt: images}}, {model: numbers}) for each model (cases.Case); `load_model(case)` gives
     its pipeline: the pretrained toy model, with that case's LoRA merged in."""
     bar = tqdm(total=len(models) * len(PROMPTS) + len(world.COLOURS), desc=f"sampling, seed {seed}", unit="prompt")
@@ -80,7 +75,7 @@ def sample_all(s, seed, models, load_model, prototypes, backgrounds=None):
     for case in models:
         sd = load_model(case)
         samples[case.name] = sample_prompts(s, sd, seed, bar, case)
-        results[case.name] = measure(samples[case.name], prototypes, backgrounds)
+        results[case.name] = measure(samples[case.name], prototypes)
         if case.name == "pretrained":
             results[case.name]["colour_accuracy"] = colour_accuracy(s, sd, seed, bar, prototypes)
     bar.close()

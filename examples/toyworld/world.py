@@ -125,26 +125,6 @@ def make_subject(n, seed):
     return [subject_image(rng) for _ in range(n)]
 
 
-BUSY = ((75, 50, 10), (35, 20, 5))  # a brown checkerboard: every channel < 90, so never read as a shape
-
-
-def busy_subject(rng):
-    """(picture, mask): the subject on a busy background (the masked-loss case), and its loss mask, white
-    where the circle is (any coverage), black on the background."""
-    cx, cy, r = geometry = _geometry(rng)
-    fill = subject_fill(rng)
-    canvas = pattern("checks", _jitter(BUSY[0], rng, 8), _jitter(BUSY[1], rng, 5), rng.uniform(5.0, 8.0))
-    shape = shape_mask("circle", *geometry)
-    canvas.paste(fill, (0, 0), shape)
-    mask = shape.resize((SIZE, SIZE), Image.Resampling.BOX).point(lambda v: 255 if v > 0 else 0)
-    return canvas.resize((SIZE, SIZE), Image.Resampling.BOX), mask
-
-
-def make_busy_subject(n, seed):
-    rng = random.Random(seed * 7919 + 3)
-    return [busy_subject(rng) for _ in range(n)]
-
-
 def texture_image(rng):
     """Any shape, any two colours, stripes / checks / plain: teaches the autoencoder textures and colours
     the world lacks (a real SD autoencoder can draw anything; only the denoiser's world is small)."""
