@@ -125,6 +125,7 @@ def test_tiny_pipeline_end_to_end_then_more_seeds_on_the_same_model(tmp_path):
         points = first["curves"][name]["curve"]
         assert [p["step"] for p in points] == [2, 4] and all(0 <= p["fidelity"] <= 1 for p in points)
         assert saved["curves"][name]["reached"] in ("0 of 1", "1 of 1")
+        assert saved["curves"][name]["by_step"]["4"]["fidelity"]["mean"] == points[1]["fidelity"]
     phases = ("class_images", "dreambooth_prior", "dreambooth_pivotal", "sampling", "curves")
     assert saved["wall_seconds"]["pretrain"] >= 0 and all(saved["wall_seconds"]["seed_0"][p] >= 0 for p in phases)
     runs = tmp_path / "seed_0" / "runs"

@@ -31,9 +31,13 @@ def curve(s, seed, case, model_path, run, prototypes):
     return {"curve": points, "fidelity_90_at": first and first["step"], "drift_at_90": first and first["drift"]}
 
 
+def _stats(vals):
+    return {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals)} if vals else None
+
+
 def curve_summary(per_seed):
-    """{case: {"fidelity_90_at": {mean, min, max, reached}, "drift_at_90": {...}}} over the seeds that have
-    curves; mean and range over the seeds that reached 90% (`reached` of how many)."""
+    """{case: {"reached": "k of n", "fidelity_90_at", "drift_at_90": {mean, min, max} over the seeds that
+    reached 90% (None when none did), "by_step": {step: {"fidelity", "drift": {mean, min, max}}}}}."""
     out = {}
     names = {c for r in per_seed.values() for c in r.get("curves", {})}
     for name in sorted(names):
@@ -41,6 +45,8 @@ def curve_summary(per_seed):
         reached = [r for r in rows if r["fidelity_90_at"] is not None]
         out[name] = {"reached": f"{len(reached)} of {len(rows)}"}
         for key in ("fidelity_90_at", "drift_at_90"):
-            vals = [r[key] for r in reached]
-            out[name][key] = {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals)} if vals else None
+            out[name][key] = _stats([r[key] for r in reached])
+        steps = sorted({p["step"] for r in rows for p in r["curve"]})
+        out[name]["by_step"] = {str(k): {m: _stats([p[m] for r in rows for p in r["curve"] if p["step"] == k])
+                                         for m in ("fidelity", "drift")} for k in steps}
     return out
