@@ -29,9 +29,11 @@ class Case:
 
 
 CASES = (
-    Case("no_prior", "DreamBooth LoRA, no prior preservation", "DreamBooth, no prior", prior=False),
+    Case("no_prior", "DreamBooth LoRA, no prior preservation", "DreamBooth, no prior", prior=False, curve=True),
     Case("prior", "DreamBooth LoRA with prior preservation", "DreamBooth + prior", prior=True, curve=True),
     Case("pivotal", "pivotal tuning (--pivotal) with prior preservation", "pivotal + prior", prior=True,
+         args=("--pivotal",), token="<s0><s1>", curve=True),
+    Case("pivotal_no_prior", "pivotal tuning (--pivotal), no prior preservation", "pivotal, no prior", prior=False,
          args=("--pivotal",), token="<s0><s1>", curve=True),
 )
 PRETRAINED = Case("pretrained", "pretrained", "pretrained", prior=False)  # the model before any fine-tuning
