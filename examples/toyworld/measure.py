@@ -83,15 +83,14 @@ def sample_all(s, seed, models, load_model, prototypes):
 
 
 def summary(per_seed):
-    """{model: {metric: {"mean", "min", "max"}}} over the seeds' results ({seed: {model: numbers}})."""
-    runs = list(per_seed.values())
+    """{model: {metric: {"mean", "min", "max"}}} over the seeds' results ({seed: {model: numbers}}); a model
+    over the seeds that have it."""
     out = {}
-    for model in runs[0]:
-        if model in ("goals", "curves"):
-            continue
-        keys = [k for k, v in runs[0][model].items() if isinstance(v, float)]
-        out[model] = {k: {"mean": sum(r[model][k] for r in runs) / len(runs), "min": min(r[model][k] for r in runs),
-                          "max": max(r[model][k] for r in runs)} for k in keys}
+    for model in dict.fromkeys(m for r in per_seed.values() for m in r if m not in ("goals", "curves")):
+        runs = [r[model] for r in per_seed.values() if model in r]
+        keys = [k for k, v in runs[0].items() if isinstance(v, float)]
+        out[model] = {k: {"mean": sum(r[k] for r in runs) / len(runs), "min": min(r[k] for r in runs),
+                          "max": max(r[k] for r in runs)} for k in keys}
     return out
 
 
