@@ -4,12 +4,13 @@
     python evaluate.py --real data/dog --generated out/ --prompt "a photo of sks dog in the snow"
     python evaluate.py --generate 4 --real data/dog --class-noun dog --lora runs/<run>/lora.safetensors
 
-A run folder gets RUN/metrics.jsonl (one line per validation epoch) and RUN/metrics.png (the metrics
-over epochs above the loss), and the best epoch is named: the highest DINO among the epochs whose
-CLIP-T is within --margin of the best CLIP-T, with the saved LoRA nearest to it. --generate N draws N
-images for each prompt of the paper's prompt set (object or live-subject prompts, chosen by the class
-noun) and scores them all. The evaluator models (--clip-model, --dino-model) are Hugging Face Hub ids or
-local folders; they are downloaded once into the Hugging Face cache (HF_HUB_OFFLINE=1 uses it alone).
+A run folder gets RUN/metrics.jsonl (one line per validation epoch), RUN/metrics.png (the metrics
+over epochs above the loss) and a fresh RUN/report.html (with its metrics table), and the best epoch is
+named: the highest DINO among the epochs whose CLIP-T is within --margin of the best CLIP-T, with the
+saved LoRA nearest to it. --generate N draws N images for each prompt of the paper's prompt set (object
+or live-subject prompts, chosen by the class noun) and scores them all. The evaluator models (--clip-model,
+--dino-model) are Hugging Face Hub ids or local folders; they are downloaded once into the Hugging Face
+cache (HF_HUB_OFFLINE=1 uses it alone).
 """
 import argparse
 import json
@@ -29,6 +30,7 @@ from dreambooth_min.watch.eval_prompts import prompts_for
 from dreambooth_min.watch.evaluation import CLIP_T_MARGIN, METRICS
 from dreambooth_min.watch.evaluators import CLIP_MODEL, DINO_MODEL, evaluate_epoch, load_evaluators
 from dreambooth_min.watch.finished_run import check_run, evaluate_run
+from dreambooth_min.watch.page import write_report
 from dreambooth_min.watch.preprocess import read_images
 
 
@@ -100,7 +102,7 @@ def run_mode(args):
     for r in records:
         print(f"epoch {r['epoch']:>5} step {r['step']:>6}  " + "  ".join(
             f"{k.replace('_', '-')} {r[k]:.4f}" for k in METRICS if k in r))
-    print(f"wrote {run / 'metrics.jsonl'} and {run / 'metrics.png'}")
+    print(f"wrote {run / 'metrics.jsonl'}, {run / 'metrics.png'} and {write_report(run, args.margin)}")
     if best is None:
         print("no best epoch: no epoch has both DINO and CLIP-T")
         return

@@ -1,25 +1,30 @@
 """The GPU speed and memory table for one DreamBooth-LoRA training step, ours against diffusers + peft.
 
-    python -m benchmarks.gpu                 # SD 1.5 (512 px), SD 2.1-v (768 px) and SDXL (1024 px) UNets, on CUDA
+    python -m benchmarks.gpu                 # SD 1.5 (512 px), SD 2.1-v (768 px), SDXL (1024 px): the whole table
     python -m benchmarks.gpu --models sdxl --steps 10
+    python -m benchmarks.gpu --all-rows      # also fp32, fp16 with plain attention, xformers, 8-bit AdamW, sampling
     python -m benchmarks.gpu --smoke         # the same code on tiny UNets on the CPU (what the tests run)
 
-Random weights with the real UNet shapes (nothing is downloaded): our `UNetConfig.sd1()` / `.sd2()` and
+Random weights with the real UNet shapes (nothing is downloaded): our `UNetConfig.sd1()` / `.sd2()` / `.sdxl()` and
 diffusers' UNet2DConditionModel built from the same config, holding the same seeded weights. One training
 step = LoRA rank 4 on to_q/to_k/to_v/to_out.0, batch 2 (instance + class latent), MSE, backward, optimizer
-step. Rows, each adding to the fp16 setting of the seed's table:
-  fp32                       fp32 base and LoRA, plain (math) attention
-  fp16                       frozen fp16 base, fp32 LoRA, autocast fp16, GradScaler; plain (math) attention
-  fp16 + SDPA                torch's fused scaled_dot_product_attention (flash / memory-efficient kernels)
-  fp16 + xformers            xformers' memory_efficient_attention (n/a when xformers is not installed)
-  fp16 + SDPA + grad ckpt    gradient checkpointing
-  ... + 8-bit AdamW          bitsandbytes' AdamW8bit (n/a without bitsandbytes or CUDA)
-and DDIM sampling (classifier-free guidance: UNet batch 2) in fp16 + SDPA (fp32 on the CPU). The SDXL UNet
-(2.6 G parameters, latent 128 x 128, conditioned on the pooled text and six size ids besides the text states)
-gets the rows that fit a 24-80 GiB card, `SDXL_ROWS`: fp16 + SDPA without and with gradient checkpointing.
-Columns: steps (or DDIM iterations) per second over `--steps` timed steps after `--warmup`, and the peak
-memory of the whole configuration (weights, LoRA, optimizer state, activations): torch.cuda.max_memory_allocated
-on CUDA, the peak resident-set growth on the CPU. Needs diffusers and peft (the test dependencies).
+step (ours: AdamW as train.py makes it, fused on CUDA; diffusers + peft: torch.optim.AdamW as their script).
+Rows (the default ones first), each against diffusers + peft in the same run:
+  fp16 + SDPA                frozen fp16 base, fp32 LoRA, autocast fp16, GradScaler, torch's fused attention
+  fp16 + SDPA + grad ckpt    gradient checkpointing (both tools)
+  fp16 + SDPA + --compile    ours through torch.compile (run/hardware.compile_unet: CUDA graphs on CUDA) against
+                             their eager step (`--compile-ref` compiles theirs too); the first step's time,
+                             compiling included, is printed (`--compile-models` picks the models, default sd1)
+  --all-rows adds: fp32; fp16 with plain (math) attention; fp16 + xformers (n/a without it); + 8-bit AdamW
+  (bitsandbytes); DDIM sampling with classifier-free guidance.
+Columns: steps per second over `--steps` timed steps after `--warmup`; the peak memory of the configuration
+(weights, LoRA, optimizer state, activations: torch.cuda.max_memory_allocated, on the CPU the peak resident-set
+growth); MFU, the step's FLOPs (torch.utils.flop_counter, forward + backward) per second over the card's dense
+fp16 peak (`PEAK_TFLOPS`, or `--peak-tflops`; on the CPU the measured fp32 matmul rate).
+After each model's table: a torch.profiler summary of one fp16 + SDPA step of each tool (wall time against the
+device's kernel time per step, and kernels launched), and, for SD 1.5, the whole train.py loop (cached latents
+and text, the NaN guard, log.jsonl, a checkpoint) in steps per second against the UNet-only step
+(`--no-train-py` skips it). Needs diffusers and peft (the test dependencies).
 """
 import argparse
 import contextlib
@@ -34,18 +39,25 @@ import torch.nn.functional as F
 from benchmarks.cpu import PeakRSS, ours_from, release_free_memory
 from dreambooth_min import layers
 from dreambooth_min.lora import UNET_TARGETS, inject_lora, lora_parameters
+from dreambooth_min.run.hardware import compile_unet
 from dreambooth_min.run.optim import make_optimizer
 from dreambooth_min.unet import UNet2DConditionModel, UNetConfig
 
-# (label, precision, attention, gradient checkpointing, optimizer)
-ROWS = [("fp32", "fp32", "math", False, "adamw"),
-        ("fp16", "fp16", "math", False, "adamw"),
-        ("fp16 + SDPA", "fp16", "sdpa", False, "adamw"),
-        ("fp16 + xformers", "fp16", "xformers", False, "adamw"),
-        ("fp16 + SDPA + grad ckpt", "fp16", "sdpa", True, "adamw"),
-        ("fp16 + SDPA + grad ckpt + 8-bit AdamW", "fp16", "sdpa", True, "adamw8bit")]
-SDXL_ROWS = [row for row in ROWS if row[0] in ("fp16 + SDPA", "fp16 + SDPA + grad ckpt")]
+# (label, precision, attention, gradient checkpointing, optimizer, torch.compile)
+GOAL_ROWS = [("fp16 + SDPA", "fp16", "sdpa", False, "adamw", False),
+             ("fp16 + SDPA + grad ckpt", "fp16", "sdpa", True, "adamw", False),
+             ("fp16 + SDPA + --compile", "fp16", "sdpa", False, "adamw", True)]
+MORE_ROWS = [("fp32", "fp32", "math", False, "adamw", False),
+             ("fp16", "fp16", "math", False, "adamw", False),
+             ("fp16 + xformers", "fp16", "xformers", False, "adamw", False),
+             ("fp16 + SDPA + grad ckpt + 8-bit AdamW", "fp16", "sdpa", True, "adamw8bit", False)]
+ROWS = GOAL_ROWS + MORE_ROWS
 SAMPLE_ROW = "DDIM sampling, CFG (it/s)"
+# Dense fp16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets; the first name found in
+# torch.cuda.get_device_name() wins, so the more specific names come first.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0,
+               "A800": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0, "T4": 65.0,
+               "V100": 125.0, "RTX 4090": 165.2, "RTX 3090": 71.0}
 TOOLS = ("ours", "diffusers")
 
 
@@ -173,15 +185,19 @@ def sync(device):
 
 
 def per_second(fn, device, warmup, steps):
-    """Calls of fn() per second over `steps` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
+    """(calls of fn() per second over `steps` calls after `warmup` untimed ones, seconds of the first call)."""
+    start = time.perf_counter()
+    for i in range(warmup):
         fn()
+        if i == 0:
+            sync(device)
+            first = time.perf_counter() - start
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         fn()
     sync(device)
-    return steps / (time.perf_counter() - start)
+    return steps / (time.perf_counter() - start), first if warmup else float("nan")
 
 
 @contextlib.contextmanager
@@ -202,10 +218,14 @@ def peak_memory(device):
         result["bytes"] = mem.extra
 
 
-def training_step(forward, params, device, precision, optimizer_name, batch):
-    """One DreamBooth-LoRA step (forward, MSE, backward, optimizer step); returns the step function."""
+def training_step(tool, forward, params, device, precision, optimizer_name, batch):
+    """One DreamBooth-LoRA step (forward, MSE, backward, optimizer step); returns the step function.
+    AdamW: ours as train.py makes it (fused on CUDA), theirs as diffusers' script (torch's default there)."""
     dtype = torch.float16 if precision == "fp16" else torch.float32
-    optimizer = make_optimizer([{"params": params, "lr": 1e-4}], optimizer_name, weight_decay=1e-2)
+    if tool == "diffusers" and optimizer_name == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    else:
+        optimizer = make_optimizer([{"params": params, "lr": 1e-4}], optimizer_name, weight_decay=1e-2)
     scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
     x, noise, t, ctx = batch
     losses = []
@@ -240,25 +260,91 @@ def make_batch(cfg, pixels, device, seed=0):
     return x, noise, torch.tensor([10, 900], device=device), ctx
 
 
-def train_row(tool, model, row, a):
-    """(steps per second, peak bytes, last loss finite) of one training configuration, or a reason string."""
-    _, precision, attention, checkpointing, optimizer_name = row
-    reason = unavailable(tool, attention, optimizer_name, a.device)
-    if reason:
-        return reason
+def prepared_step(tool, model, row, a):
+    """(unet, step function, losses) of one training configuration, compiled when the row says so."""
+    _, precision, attention, checkpointing, optimizer_name, compiled = row
     cfg, pixels, weights = model
     dtype = torch.float16 if precision == "fp16" else torch.float32
+    unet, forward = build(tool, cfg, pixels, weights, a.device, dtype)
+    params = add_lora(tool, unet, checkpointing)
+    unet.train()
+    if compiled and tool == "ours":
+        compile_unet(unet, a.compile_backend)
+    elif compiled and a.compile_ref:
+        unet.compile(backend=a.compile_backend, dynamic=False)
+    step, losses = training_step(tool, forward, params, a.device, precision, optimizer_name,
+                                 make_batch(cfg, pixels, a.device))
+    return unet, step, losses
+
+
+def train_row(tool, model, row, a):
+    """{it/s, peak bytes, finite, first-step seconds} of one training configuration, or a reason string."""
+    reason = unavailable(tool, row[2], row[4], a.device)
+    if reason:
+        return reason
+    torch._dynamo.reset()  # a compiled row starts from nothing: its first step is the compile time
     with peak_memory(a.device) as mem:
-        unet, forward = build(tool, cfg, pixels, weights, a.device, dtype)
-        params = add_lora(tool, unet, checkpointing)
-        unet.train()
-        step, losses = training_step(forward, params, a.device, precision, optimizer_name,
-                                     make_batch(cfg, pixels, a.device))
-        with attention_backend(tool, unet, attention):
-            speed = per_second(step, a.device, a.warmup, a.steps)
+        unet, step, losses = prepared_step(tool, model, row, a)
+        with attention_backend(tool, unet, row[2]):
+            speed, first = per_second(step, a.device, max(a.warmup, 1), a.steps)
         finite = bool(torch.isfinite(losses[-1]))
-        del unet, forward, params, step, losses
-    return speed, mem["bytes"], finite
+        del unet, step, losses
+    return {"speed": speed, "bytes": mem["bytes"], "finite": finite, "first": first}
+
+
+def step_flops(model, a):
+    """FLOPs of one LoRA training step (forward + backward; torch.utils.flop_counter: matrix products,
+    convolutions, attention) of our UNet in the fp16 + SDPA row; the optimizer's are negligible."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg, pixels, weights = model
+    dtype = torch.float16 if a.device == "cuda" else torch.float32
+    unet, forward = build("ours", cfg, pixels, weights, a.device, dtype)
+    add_lora("ours", unet, False)
+    unet.train()
+    x, noise, t, ctx = make_batch(cfg, pixels, a.device)
+    with FlopCounterMode(display=False) as counter, torch.autocast(a.device, dtype=dtype, enabled=a.device == "cuda"):
+        F.mse_loss(forward(x.to(dtype), t, ctx.to(dtype=dtype)).float(), noise).backward()
+    del unet, forward
+    return counter.get_total_flops()
+
+
+def peak_flops(a):
+    """The card's dense fp16 FLOP/s (PEAK_TFLOPS or --peak-tflops); on the CPU the measured fp32 matmul rate."""
+    if a.peak_tflops:
+        return a.peak_tflops * 1e12
+    if a.device != "cuda":
+        from benchmarks.profile import matmul_peak
+
+        return matmul_peak(256 if a.smoke else 2048) * 1e9
+    name = torch.cuda.get_device_name()
+    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
+
+
+def profile_row(tool, model, a):
+    """One fp16 + SDPA step under torch.profiler after the warm-up: (wall ms, device kernel ms, kernels launched)
+    per step; on the CPU (ms of wall, ms of the ops' own CPU time, aten ops dispatched)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = a.device == "cuda"
+    unet, step, _ = prepared_step(tool, model, GOAL_ROWS[0], a)
+    steps = 3
+    with attention_backend(tool, unet, "sdpa"):
+        per_second(step, a.device, max(a.warmup, 1), 1)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        start = time.perf_counter()
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                step()
+            sync(a.device)
+        wall = (time.perf_counter() - start) / steps
+    table = prof.key_averages()
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    mine = [e for e in table if e.device_type == kind and (cuda or e.key.startswith("aten::"))]
+    busy = sum((e.self_device_time_total if cuda else e.self_cpu_time_total) for e in mine) / 1e3 / steps
+    del unet, step
+    return 1e3 * wall, busy, sum(e.count for e in mine) / steps
 
 
 def sample_row(tool, model, a):
@@ -277,9 +363,9 @@ def sample_row(tool, model, a):
         else:
             run = lambda: out.update(x=diffusers_ddim(unet, x_T, ctx, a.sample_steps, 7.5))
         with attention_backend(tool, unet, "sdpa"):
-            runs = per_second(run, a.device, 1, a.repeats)
+            runs, _ = per_second(run, a.device, 1, a.repeats)
         del unet
-    return runs * a.sample_steps, mem["bytes"], bool(torch.isfinite(out["x"]).all())
+    return {"speed": runs * a.sample_steps, "bytes": mem["bytes"], "finite": bool(torch.isfinite(out["x"]).all())}
 
 
 def diffusers_ddim(unet, x_T, ctx, steps, guidance):
@@ -297,25 +383,33 @@ def diffusers_ddim(unet, x_T, ctx, steps, guidance):
     return x
 
 
-def fmt(result, index, scale=1.0):
+def cell(result, key, scale=1.0):
     if isinstance(result, str):
         return result
-    mark = "" if result[2] else " (non-finite loss)"
-    return f"{result[index] * scale:.3g}{mark if index == 0 else ''}"
+    mark = "" if result["finite"] or key != "speed" else " (non-finite loss)"
+    return f"{result[key] * scale:.3g}{mark}"
 
 
-def print_table(title, results):
-    """A markdown table: one row per configuration, ours vs diffusers + peft, and their ratios."""
-    print(f"\n### {title}\n")
-    print("| configuration | ours it/s | ours peak GiB | diffusers+peft it/s | diffusers+peft peak GiB "
-          "| speed ours/ref | memory ours/ref |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for label, (ours, ref) in results.items():
-        both = not isinstance(ours, str) and not isinstance(ref, str)
-        speed = f"{ours[0] / ref[0]:.2f}" if both else "n/a"
-        memory = f"{ours[1] / ref[1]:.2f}" if both and ref[1] > 0 else "n/a"
-        print(f"| {label} | {fmt(ours, 0)} | {fmt(ours, 1, 2 ** -30)} | {fmt(ref, 0)} | {fmt(ref, 1, 2 ** -30)} "
-              f"| {speed} | {memory} |", flush=True)
+def mfu(result, flops, peak):
+    """The step's model FLOP utilisation, in % of the peak."""
+    if isinstance(result, str) or not flops or not peak:
+        return "n/a"
+    return f"{100 * flops * result['speed'] / peak:.2g}%"
+
+
+TABLE_HEAD = ("| configuration | ours it/s | ours peak GiB | ours MFU | diffusers+peft it/s | diffusers+peft peak GiB "
+              "| diffusers+peft MFU | speed ours/ref | memory ours/ref |\n"
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+
+
+def print_row(label, ours, ref, flops=None, peak=None):
+    """One markdown row: ours vs diffusers + peft, and their ratios (printed as soon as measured)."""
+    both = not isinstance(ours, str) and not isinstance(ref, str)
+    speed = f"{ours['speed'] / ref['speed']:.2f}" if both else "n/a"
+    memory = f"{ours['bytes'] / ref['bytes']:.2f}" if both and ref["bytes"] > 0 else "n/a"
+    print(f"| {label} | {cell(ours, 'speed')} | {cell(ours, 'bytes', 2 ** -30)} | {mfu(ours, flops, peak)} "
+          f"| {cell(ref, 'speed')} | {cell(ref, 'bytes', 2 ** -30)} | {mfu(ref, flops, peak)} | {speed} | {memory} |",
+          flush=True)
 
 
 def guarded(fn, *args):
@@ -334,19 +428,90 @@ def guarded(fn, *args):
             torch.cuda.empty_cache()
 
 
+def rows_for(name, cfg, a):
+    rows = [r for r in GOAL_ROWS if not r[5] or name in a.compile_models.split(",")]
+    return rows + (MORE_ROWS if a.all_rows and not is_sdxl(cfg) else [])
+
+
 def run_model(name, models, a):
+    """The model's table, row by row, then its profiler summary (and for SD 1.5 the train.py loop)."""
     title, make_cfg, pixels = models[name]
     cfg = make_cfg()
     model = (cfg, pixels, random_weights(cfg, pixels, a.device))
-    results = {}
-    for row in SDXL_ROWS if is_sdxl(cfg) else ROWS:
-        results[row[0]] = tuple(guarded(train_row, tool, model, row, a) for tool in TOOLS)
-    if not is_sdxl(cfg):
-        results[SAMPLE_ROW] = tuple(guarded(sample_row, tool, model, a) for tool in TOOLS)
+    flops, peak = guarded(step_flops, model, a), guarded(peak_flops, a)
+    flops, peak = (None if isinstance(v, str) else v for v in (flops, peak))
     side = pixels // 8
-    sampling = "" if is_sdxl(cfg) else f"; DDIM {a.sample_steps} steps"
-    print_table(f"{title} (latent {side}x{side}), LoRA rank 4, batch 2{sampling}", results)
+    print(f"\n### {title} (latent {side}x{side}), LoRA rank 4, batch 2; step "
+          f"{'n/a' if flops is None else f'{flops / 1e12:.3g} TFLOP'}, peak "
+          f"{'n/a' if peak is None else f'{peak / 1e12:.4g} TFLOP/s'}\n\n{TABLE_HEAD}", flush=True)
+    results = {}
+    for row in rows_for(name, cfg, a):
+        results[row[0]] = tuple(guarded(train_row, tool, model, row, a) for tool in TOOLS)
+        print_row(row[0], *results[row[0]], flops, peak)
+    if a.all_rows and not is_sdxl(cfg):
+        results[SAMPLE_ROW] = tuple(guarded(sample_row, tool, model, a) for tool in TOOLS)
+        print_row(SAMPLE_ROW, *results[SAMPLE_ROW])
+    compiled = results.get(GOAL_ROWS[2][0], ("",))[0]
+    if not isinstance(compiled, str):
+        print(f"\n--compile: the first step took {compiled['first']:.1f} s, compiling included "
+              f"(backend {a.compile_backend}{', CUDA graphs' if a.device == 'cuda' else ''})")
+    print_profile(model, a)
+    if name in ("sd1", "tiny-sd1") and a.train_py:
+        unet_only = results[GOAL_ROWS[0][0]][0]
+        print_train_py(guarded(train_py_speed, a), None if isinstance(unet_only, str) else unet_only["speed"], a)
     return results
+
+
+def print_profile(model, a):
+    unit = ("device kernel ms", "kernels") if a.device == "cuda" else ("aten self CPU ms", "aten ops")
+    print(f"\nprofile of one fp16 + SDPA step (torch.profiler, 3 steps after the warm-up):\n\n"
+          f"| tool | wall ms/step | {unit[0]}/step | busy | {unit[1]}/step |\n| --- | ---: | ---: | ---: | ---: |")
+    for tool in TOOLS:
+        r = guarded(profile_row, tool, model, a)
+        if isinstance(r, str):
+            print(f"| {tool} | {r} | | | |")
+        else:
+            print(f"| {tool} | {r[0]:.1f} | {r[1]:.1f} | {100 * r[1] / r[0]:.0f}% | {r[2]:.0f} |", flush=True)
+
+
+def train_py_speed(a):
+    """Steps per second of the whole train.py loop (train() on a random SD 1.5 folder, the photos of data/dog,
+    prior preservation with pre-drawn class images, batch 1 + 1 at 512 px, fp16 on CUDA), over its last half:
+    the first steps encode the latents as first drawn. One checkpoint falls in the timed half."""
+    import json
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from benchmarks.e2e import make_class_images, make_model_folder
+    from dreambooth_min.run.config import TrainConfig
+    from dreambooth_min.run.training import train
+
+    root = Path(__file__).resolve().parents[1]
+    work = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
+    try:
+        size, steps = (64, 6) if a.smoke else (512, a.train_py_steps)
+        model = make_model_folder(work / "sd15", a.smoke)
+        classes = make_class_images(work / "class", 4, size)
+        train(TrainConfig(images=str(root / "data" / "dog"), model=str(model), class_noun="dog", resolution=size,
+                          num_class_images=4, class_dir=str(classes), steps=steps, save_every=steps * 3 // 4,
+                          validate_every=0, device=a.device, output=str(work / "run"), seed=0, compile=False),
+              log=lambda *_: None)
+        seconds = [json.loads(line)["seconds"] for line in (work / "run" / "log.jsonl").read_text().splitlines()]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    half = len(seconds) // 2
+    return (len(seconds) - 1 - half) / (seconds[-1] - seconds[half])
+
+
+def print_train_py(speed, unet_only, a):
+    if isinstance(speed, str):
+        print(f"\ntrain.py loop: {speed}")
+        return
+    gap = "" if unet_only is None or a.smoke else \
+        f" against {unet_only:.3g} it/s for the UNet-only fp16 + SDPA step: {100 * (1 - speed / unet_only):+.0f}% gap"
+    print(f"\ntrain.py loop (SD 1.5 random weights, data/dog, prior, 512 px, batch 1 + 1): {speed:.3g} steps/s{gap}",
+          flush=True)
 
 
 def describe(device):
@@ -360,19 +525,31 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="sd1,sd2,sdxl", help="comma-separated: sd1, sd2, sdxl (smoke: tiny-sd1, "
                                                              "tiny-sd2, tiny-sdxl)")
-    p.add_argument("--steps", type=int, default=10, help="timed training steps per configuration")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (kernels, allocator, GradScaler)")
+    p.add_argument("--steps", type=int, default=0, help="timed training steps per configuration (0: 10; SDXL 5)")
+    p.add_argument("--warmup", type=int, default=0, help="untimed steps first (kernels, allocator, GradScaler; "
+                                                         "0: 3; SDXL 2)")
+    p.add_argument("--all-rows", action="store_true", help="also fp32, fp16 math attention, xformers, 8-bit AdamW "
+                                                           "and DDIM sampling")
+    p.add_argument("--compile-models", default="sd1", help="models that get the --compile row (compiling takes "
+                                                          "minutes each: sd1 alone keeps the table under 8 minutes)")
+    p.add_argument("--compile-ref", action="store_true", help="compile diffusers' UNet too in the --compile row")
+    p.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="the card's dense fp16 peak (default: PEAK_TFLOPS)")
+    p.add_argument("--no-train-py", dest="train_py", action="store_false", help="skip the whole train.py loop")
+    p.add_argument("--train-py-steps", type=int, default=40, help="steps of the train.py loop")
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the sampling row")
     p.add_argument("--repeats", type=int, default=2, help="timed DDIM runs after one untimed run")
     p.add_argument("--smoke", action="store_true", help="tiny UNets on the CPU, few steps: checks the code runs")
     a = p.parse_args(argv)
+    a.device = "cpu" if a.smoke else "cuda"
     if a.smoke:
-        a.device, a.steps, a.warmup, a.sample_steps, a.repeats = "cpu", 2, 1, 3, 1
+        a.steps, a.warmup, a.sample_steps, a.repeats, a.all_rows = 2, 1, 3, 1, True
+        a.compile_backend = "aot_eager"  # traces forward and backward as inductor would, without its C++ build
         torch.set_num_threads(1)  # tiny tensors: more threads only wait on each other
         if a.models == "sd1,sd2,sdxl":
             a.models = ",".join(SMOKE_MODELS)
-    else:
-        a.device = "cuda"
+        if a.compile_models == "sd1":
+            a.compile_models = "tiny-sd1"
     return a
 
 
@@ -387,14 +564,19 @@ def main(argv=None):
     unknown = [n for n in names if n not in models]
     if unknown:
         raise SystemExit(f"error: unknown model {unknown[0]!r}; choose from {', '.join(models)}")
-    print(f"LoRA training step and DDIM sampling, ours vs diffusers + peft: {describe(a.device)}; "
-          f"{a.steps} timed steps after {a.warmup}")
+    print(f"LoRA training step, ours vs diffusers + peft: {describe(a.device)}")
     import diffusers  # noqa: F401  (then freeze: the collections between rows scan only what the rows made)
     import peft  # noqa: F401
 
     gc.freeze()
+    start = time.perf_counter()
     for name in names:
+        steps, warmup = a.steps, a.warmup
+        sdxl = is_sdxl(models[name][1]())
+        a.steps, a.warmup = steps or (5 if sdxl else 10), warmup or (2 if sdxl else 3)
         run_model(name, models, a)
+        a.steps, a.warmup = steps, warmup
+    print(f"\nwhole table: {time.perf_counter() - start:.0f} s")
     return 0
 
 

@@ -35,6 +35,10 @@ class DiskFull(UserError):
         self.path = Path(path)
 
 
+class NonFinite(UserError):
+    """NaN or infinity where numbers must be finite: a tensor of a file, or the latents of an image."""
+
+
 def is_out_of_memory(error):
     """torch.OutOfMemoryError (CUDA), MemoryError, or the CPU allocator's RuntimeError."""
     if isinstance(error, (MemoryError, torch.OutOfMemoryError)):

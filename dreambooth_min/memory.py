@@ -18,6 +18,24 @@ def _needs_graph(x):
     return torch.is_grad_enabled() and x.requires_grad
 
 
+_CUDA_PATH = [False]  # cuda_code_path(): the CPU takes the CUDA code path (to count its ops without a GPU)
+
+
+@contextlib.contextmanager
+def cuda_code_path():
+    """Inside, CPU tensors take the code path of CUDA ones: no convolution as GEMM (benchmarks.overhead)."""
+    _CUDA_PATH.append(True)
+    try:
+        yield
+    finally:
+        _CUDA_PATH.pop()
+
+
+def cpu_path(device):
+    """Whether `device` takes the CPU-only paths, measured to help there (convolution as GEMM)."""
+    return device.type == "cpu" and not _CUDA_PATH[-1]
+
+
 _RECOMPUTE_CHEAP_OPS = [True]  # off inside a block that gradient checkpointing already recomputes whole
 
 
@@ -32,8 +50,23 @@ def whole_block_recomputed():
         _RECOMPUTE_CHEAP_OPS.pop()
 
 
+_LOW_MEMORY = [False]
+
+
+@contextlib.contextmanager
+def low_memory(on=True):
+    """Inside (`--low-memory`), the cheap ops are recomputed on every device. Otherwise only on the CPU, where
+    it was measured to pay (0.66 GiB saved for 0.07 s per SD 1.5 step, docs/benchmarks.md): on CUDA the step is
+    overhead-bound, and each checkpoint adds Python and kernel launches to it (docs/gpu.md)."""
+    _LOW_MEMORY.append(on or _LOW_MEMORY[-1])
+    try:
+        yield
+    finally:
+        _LOW_MEMORY.pop()
+
+
 def recompute_cheap_ops(x):
-    return _RECOMPUTE_CHEAP_OPS[-1] and _needs_graph(x)
+    return _RECOMPUTE_CHEAP_OPS[-1] and _needs_graph(x) and (_LOW_MEMORY[-1] or cpu_path(x.device))
 
 
 def _gemm_wins(x_shape, device, weight, stride):
@@ -44,7 +77,7 @@ def _gemm_wins(x_shape, device, weight, stride):
     reads the weight as stored: measured 2x faster there, and as fast for every 1x1 convolution. At high
     resolution oneDNN's direct kernels are faster than im2col + GEMM, so they keep those."""
     out_channels, _, kh, kw = weight.shape
-    if device.type != "cpu" or len(x_shape) != 4 or out_channels < 64:
+    if not cpu_path(device) or len(x_shape) != 4 or out_channels < 64:
         return False
     if kh == kw == 1 and stride == (1, 1):
         return True

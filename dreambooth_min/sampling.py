@@ -12,7 +12,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .conditioning import Cond
-from .errors import UserError
+from .errors import NonFinite, UserError
 from .scheduler import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, TIMESTEP_SPACINGS, ddim_step, ddim_timesteps
 
 # The sampling defaults of every command and of the validation and class images: the CFG scale (7.5, as
@@ -104,9 +104,17 @@ def vae_scale_factor(sd):
 
 @torch.no_grad()
 def decode(sd, latents):
-    """Latents -> uint8 images [B, H, W, 3]: undo the latent scaling, decode, then map [-1, 1] -> [0, 255]."""
+    """Latents -> uint8 images [B, H, W, 3]: undo the latent scaling, decode, then map [-1, 1] -> [0, 255].
+
+    NaN would become black pixels without a word, so non-finite latents or VAE outputs raise NonFinite instead."""
+    if not torch.isfinite(latents).all():
+        raise NonFinite("the latents went NaN or infinite while sampling, so no image was made: a poisoned LoRA or "
+                        "embedding, a LoRA trained with too high a learning rate, or fp16 overflow (try fp32 or bf16)")
     vae_dtype = next(sd.vae.parameters()).dtype
     x = sd.vae.decode((latents / sd.vae.scaling_factor).to(vae_dtype)).float()
+    if not torch.isfinite(x).all():
+        raise NonFinite(f"the VAE's output went NaN or infinite, so no image was made: the VAE overflowed in "
+                        f"{str(vae_dtype).removeprefix('torch.')} (decode in fp32 or bf16)")
     x = (x / 2 + 0.5).clamp(0, 1)
     return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 

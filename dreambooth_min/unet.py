@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from .conditioning import as_cond
 from .errors import UserError
 from .layers import ResnetBlock2D, Upsample2D, attention
-from .memory import Conv2d, norm_silu, recompute_cheap, recompute_in_backward
+from .lora import fused_linear
+from .memory import Conv2d, cpu_path, low_memory, norm_silu, recompute_cheap, recompute_in_backward
 
 
 @dataclass
@@ -173,8 +174,14 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Identity()])  # [1]: diffusers' dropout slot
 
     def forward(self, x, context=None):  # x [B, N, C], context [B, M, Cc]
-        context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.upcast)
+        if cpu_path(x.device):  # the CPU keeps three products, as measured there
+            context = x if context is None else context
+            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        elif context is None:  # one product for q, k and v (and one per LoRA factor): fewer kernel launches
+            q, k, v = fused_linear((self.to_q, self.to_k, self.to_v), x)
+        else:
+            q, (k, v) = self.to_q(x), fused_linear((self.to_k, self.to_v), context)
+        out = attention(q, k, v, self.heads, self.upcast)
         return self.to_out[0](out)  # [B, N, C]
 
 
@@ -392,6 +399,7 @@ class UNet2DConditionModel(nn.Module):
         super().__init__()
         self.config = cfg = config
         self.gradient_checkpointing = False  # set True to trade compute for activation memory in training
+        self.low_memory = False  # True: the cheap-op recomputation on CUDA too (memory.low_memory; --low-memory)
         ch = cfg.block_out_channels
         temb_ch = 4 * ch[0]
         self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
@@ -410,6 +418,10 @@ class UNet2DConditionModel(nn.Module):
     def forward(self, sample, timestep, cond):
         """sample [B, in, h, w]; timestep int, 0-d or [B] tensor; cond a conditioning.Cond (or SD 1/2's bare
         context tensor [B, M, Cc]) -> [B, out, h, w]."""
+        with low_memory(self.low_memory):
+            return self._denoise(sample, timestep, cond)
+
+    def _denoise(self, sample, timestep, cond):
         B = sample.shape[0]
         cond = as_cond(cond)
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(B)  # [B]

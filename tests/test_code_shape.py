@@ -5,7 +5,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "dreambooth_min"
-SOURCES = sorted(PACKAGE.rglob("*.py")) + [ROOT / "train.py", ROOT / "sample.py", ROOT / "evaluate.py"]
+SOURCES = sorted(PACKAGE.rglob("*.py")) + [ROOT / "train.py", ROOT / "sample.py", ROOT / "evaluate.py", ROOT / "lora_tools.py"]
 METHOD = {"scheduler", "dreambooth", "lora", "sampling"}
 MODELS = {"unet", "vae", "text", "layers", "memory", "model"}
 TOP = METHOD | MODELS | {"conditioning", "errors"}

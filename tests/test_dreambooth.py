@@ -53,6 +53,9 @@ class _Latents:
     def sample(self, index, generator=None):
         return torch.stack([torch.full((4, 2, 2), float(i) + self.offset) for i in index])
 
+    def draw(self, index, generator=None):  # no masks
+        return self.sample(index, generator), None
+
     def time_ids(self, index):  # an SD 1.x / 2.x model: no size conditioning
         return None
 

@@ -257,6 +257,9 @@ def test_run_folder_mode(models, tmp_path, capsys):
     assert "step_000006" in out or "lora.safetensors" in out
     with Image.open(run / "metrics.png") as im:
         assert im.size == (900, 820)
+    page = (run / "report.html").read_text()  # refreshed: the metrics table, the best epoch's row marked
+    assert '<table class="metrics">' in page and f'<tr class="best"><td>{best["epoch"]} (best)</td>' in page
+    assert f"<td>{records[1]['dino']:.4f}</td>" in page
 
 
 def test_run_without_class_images_has_no_pres(models, tmp_path):
@@ -356,6 +359,9 @@ def test_training_scores_its_validation_epochs_and_keeps_the_best(models, tiny_s
     assert (run / "samples" / "epoch_0002" / "class_1.png").exists() and (run / "metrics.png").exists()
     best = ev.best_epoch(records)
     assert (run / "lora_best.safetensors").exists() and best is not None
+    page = (run / "report.html").read_text()  # the metrics table, the best epoch marked, PRES's class images
+    assert f'<tr class="best"><td>{best["epoch"]} (best)</td>' in page and "lora_best.safetensors" in page
+    assert page.count('<td class="prompt">a photo of dog</td>') == 3
     records_again, best_again, _ = finished_run.evaluate_run(run, models["ev"])
     for a, b in zip(records, records_again):
         assert a["dino"] == pytest.approx(b["dino"], abs=1e-3)  # the PNGs round pixels to 8 bits

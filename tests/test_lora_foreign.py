@@ -251,15 +251,19 @@ def _unet(config):
 
 
 def test_refused_kinds_and_families(sd1):
-    """LoHa / LoKr / DoRA, SDXL, SD2-on-SD1: one UserError line naming what the file is."""
+    """LoHa / LoKr / LyCORIS' DoRA of the difference, SDXL, SD2-on-SD1: one UserError line naming what the file is;
+    a DoRA scale that fits neither axis of its layer too."""
     locon, _ = load_lora(sd1["locon"])
     unet, text = sd1["pipe"].unet, sd1["pipe"].text_encoder
     w0 = copy.deepcopy(unet.state_dict())
     k = "lora_unet_down_blocks_0_resnets_0_conv1"
-    for extra, kind in (({k + ".dora_scale": torch.ones(32, 1, 1, 1)}, "DoRA"),
+    for extra, kind in (({k + ".dora_scale": torch.ones(32, 1, 1, 1), k + ".wd_for_diff": torch.tensor(True)},
+                         "DoRA of the difference"),
                         ({k + ".hada_w1_a": torch.ones(32, 2)}, "LoHa"), ({k + ".lokr_w1": torch.ones(4, 4)}, "LoKr")):
         with pytest.raises(UserError, match=f"^this file is a {kind}[^\n]*unsupported[^\n]*$"):
             apply_lora(copy.deepcopy(unet), None, dict(locon, **extra))
+    with pytest.raises(UserError, match=r"DoRA scale of shape \(1, 7, 1, 1\), which fits neither axis"):
+        apply_lora(copy.deepcopy(unet), copy.deepcopy(text), dict(locon, **{k + ".dora_scale": torch.ones(1, 7, 1, 1)}))
     with pytest.raises(UserError, match="made for SDXL"):
         apply_lora(unet, text, {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight":
                                 torch.ones(2, 768)})

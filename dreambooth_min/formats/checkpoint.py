@@ -124,7 +124,8 @@ def _single_file_text(f, version, dtype, device):
                     text_encoder_2=text_encoder_2, tokenizer_2=load_tokenizer("sd2"))  # OpenCLIP with "!"
     shapes = f.shapes
     if open_clip := _under(shapes, OPEN_CLIP_PREFIX):
-        text_tensors = convert_open_clip({k: f.read(OPEN_CLIP_PREFIX + k) for k in open_clip})
+        text_tensors = convert_open_clip({k: f.read(OPEN_CLIP_PREFIX + k) for k in open_clip
+                                          if k != "attn_mask"})  # unused, and -inf by design: not read
     elif clip := _under(shapes, HF_CLIP_PREFIX):
         text_tensors = {k: f.read(HF_CLIP_PREFIX + k) for k in clip}
     else:

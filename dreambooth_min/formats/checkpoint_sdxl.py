@@ -67,8 +67,8 @@ def load_text_single_file(f, dtype, device):
     clip_l = {k[len(CLIP_L_PREFIX):]: f.read(k) for k in f.shapes if k.startswith(CLIP_L_PREFIX)}
     if not clip_l:
         raise UserError(f"{f.path} has no CLIP-L text encoder ({CLIP_L_PREFIX}*)")
-    bigg = convert_open_clip_with_projection({k[len(BIGG_PREFIX):]: f.read(k) for k in f.shapes
-                                              if k.startswith(BIGG_PREFIX)})
+    bigg = convert_open_clip_with_projection({k[len(BIGG_PREFIX):]: f.read(k) for k in f.shapes  # the causal
+                                              if k.startswith(BIGG_PREFIX) and k != BIGG_PREFIX + "attn_mask"})  # mask: -inf
     return (load_text(clip_l, "sd1", dtype, device),
             load_text(bigg, "sd2", dtype, device, text_encoder_2_config(bigg), cls=CLIPTextModelWithProjection))
 

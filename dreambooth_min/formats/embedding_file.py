@@ -46,11 +46,12 @@ def load_embedding(path):
     if not path.is_file():
         raise UserError(f"embedding file {path} does not exist")
     f = SafetensorsFile(path)  # refuses pickles (.pt / .bin embeddings) with one line
-    tensors = {k: f.read(k).float() for k in f.entries}
-    if not tensors or any(v.dim() not in (1, 2) for v in tensors.values()):
+    shapes = f.shapes  # judged before any tensor is read: a model given here is refused at once
+    if not shapes or any(len(s) not in (1, 2) for s in shapes.values()):
         raise UserError(f"{path} is not a textual-inversion embedding (one [vectors, width] tensor, or clip_l + clip_g)")
-    if len(tensors) > 1 and not set(SDXL_KEYS) <= set(tensors):
-        raise UserError(f"{path} holds {len(tensors)} tensors ({', '.join(sorted(tensors)[:4])}): an embedding has one, "
+    if len(shapes) > 1 and not set(SDXL_KEYS) <= set(shapes):
+        raise UserError(f"{path} holds {len(shapes)} tensors ({', '.join(sorted(shapes)[:4])}): an embedding has one, "
                         f"or SDXL's clip_l and clip_g (is it a LoRA? use --lora)")
+    tensors = {k: f.read(k).float() for k in f.entries}  # every value checked finite (NonFinite names the tensor)
     tensors = {k: v[None] if v.dim() == 1 else v for k, v in tensors.items() if len(tensors) == 1 or k in SDXL_KEYS}
     return tensors, f.metadata.get("tokens") or None, f.metadata

@@ -28,6 +28,13 @@ MODEL_INDEX = dict(_class_name="StableDiffusionPipeline", _diffusers_version=DIF
                    text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"],
                    scheduler=["diffusers", "DDIMScheduler"], safety_checker=[None, None],
                    feature_extractor=[None, None], requires_safety_checker=False)
+# SDXL: two text encoders and tokenizers; an empty negative prompt is zeros (model.py sampling_conds).
+SDXL_MODEL_INDEX = dict(_class_name="StableDiffusionXLPipeline", _diffusers_version=DIFFUSERS_VERSION,
+                        unet=MODEL_INDEX["unet"], vae=MODEL_INDEX["vae"], text_encoder=MODEL_INDEX["text_encoder"],
+                        tokenizer=MODEL_INDEX["tokenizer"], scheduler=MODEL_INDEX["scheduler"],
+                        text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                        tokenizer_2=["transformers", "CLIPTokenizer"],
+                        force_zeros_for_empty_prompt=True)
 
 
 def unet_config_json(cfg, sample_size=64):
@@ -47,7 +54,10 @@ def unet_config_json(cfg, sample_size=64):
                 use_linear_projection=cfg.use_linear_projection, upcast_attention=cfg.upcast_attention,
                 norm_num_groups=cfg.norm_num_groups, norm_eps=1e-5, act_fn="silu", flip_sin_to_cos=True,
                 freq_shift=0, downsample_padding=1, center_input_sample=False,
-                transformer_layers_per_block=depth if isinstance(depth, int) else list(depth))
+                transformer_layers_per_block=depth if isinstance(depth, int) else list(depth),
+                **({} if cfg.addition_embed_type is None else dict(  # SDXL's pooled text + size ids
+                    addition_embed_type=cfg.addition_embed_type, addition_time_embed_dim=cfg.addition_time_embed_dim,
+                    projection_class_embeddings_input_dim=cfg.projection_class_embeddings_input_dim)))
 
 
 def vae_config_json(cfg, sample_size=512):
@@ -76,10 +86,11 @@ def _write_tokenizer(folder, version):
     _write_json(folder / "special_tokens_map.json", special)
 
 
-def _write_into(tmp, unet, vae, text_encoder, version, prediction_type, sample_size, note):
+def _write_into(tmp, unet, vae, text_encoder, version, prediction_type, sample_size, note, text_encoder_2=None):
     for sub in ("unet", "vae", "scheduler"):
         (tmp / sub).mkdir()
-    _write_json(tmp / "model_index.json", MODEL_INDEX | ({RANDOM_NOTE: note} if note else {}))
+    index = MODEL_INDEX if text_encoder_2 is None else SDXL_MODEL_INDEX
+    _write_json(tmp / "model_index.json", index | ({RANDOM_NOTE: note} if note else {}))
     _write_json(tmp / "unet" / "config.json", unet_config_json(unet.config, sample_size))
     save_atomic({k: v.detach().cpu() for k, v in unet.state_dict().items()},
                 tmp / "unet" / "diffusion_pytorch_model.safetensors")
@@ -87,11 +98,15 @@ def _write_into(tmp, unet, vae, text_encoder, version, prediction_type, sample_s
     save_atomic({k: v.detach().cpu() for k, v in vae.state_dict().items()},
                 tmp / "vae" / "diffusion_pytorch_model.safetensors")
     text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-    _write_tokenizer(tmp / "tokenizer", version)
+    _write_tokenizer(tmp / "tokenizer", "sd1" if version == "sdxl" else version)
+    if text_encoder_2 is not None:  # OpenCLIP bigG pads with "!" as SD 2.x
+        text_encoder_2.save_pretrained(tmp / "text_encoder_2", safe_serialization=True)
+        _write_tokenizer(tmp / "tokenizer_2", "sd2")
     _write_json(tmp / "scheduler" / "scheduler_config.json", dict(SCHEDULER, prediction_type=prediction_type))
 
 
-def save_diffusers_folder(path, unet, vae, text_encoder, version, prediction_type, sample_size=None, note=None):
+def save_diffusers_folder(path, unet, vae, text_encoder, version, prediction_type, sample_size=None, note=None,
+                          text_encoder_2=None):
     """Save our UNet and VAE and a transformers CLIPTextModel as a diffusers Stable Diffusion folder.
 
     `version` "sd1" | "sd2" picks the tokenizer's pad token (SD 2.x pads with "!", id 0);
@@ -99,20 +114,21 @@ def save_diffusers_folder(path, unet, vae, text_encoder, version, prediction_typ
     `sample_size` is the latent side diffusers uses as its default image size / 8 (64, or 96 for SD 2.x
     v-models). `note` marks a model of random weights (make_tiny): load() reads it into `sd.random_note`,
     and the commands say it. An existing diffusers folder (or empty folder) at `path` is replaced; anything else is refused.
+    SDXL (`version` "sdxl"): `text_encoder_2` is the CLIPTextModelWithProjection (bigG).
     """
-    if version not in PAD_TOKEN:
-        raise UserError(f"version must be one of {', '.join(PAD_TOKEN)}, not {version!r}")
+    if (version == "sdxl") != (text_encoder_2 is not None) or version not in (*PAD_TOKEN, "sdxl"):
+        raise UserError(f"version must be one of {', '.join(PAD_TOKEN)}, or sdxl with text_encoder_2, not {version!r}")
     if prediction_type not in PREDICTION_TYPES:
         raise UserError(f"prediction type must be {' or '.join(PREDICTION_TYPES)}, not {prediction_type!r}")
     path = Path(path)
     if path.exists() and not (path.is_dir() and ((path / "model_index.json").exists() or not any(path.iterdir()))):
         raise UserError(f"{path} exists and is not a diffusers model folder: not overwriting it")
     if sample_size is None:
-        sample_size = 96 if version == "sd2" and prediction_type == "v_prediction" else 64
+        sample_size = 128 if version == "sdxl" else 96 if version == "sd2" and prediction_type == "v_prediction" else 64
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        _write_into(tmp, unet, vae, text_encoder, version, prediction_type, sample_size, note)
+        _write_into(tmp, unet, vae, text_encoder, version, prediction_type, sample_size, note, text_encoder_2)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes the folder private; give the usual permissions
         if path.exists():  # a folder cannot be replaced in one rename: move the old one aside first
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))

@@ -10,12 +10,14 @@ from PIL import Image
 
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+MASK_SUFFIX = ".mask.png"  # name.mask.png beside name.jpg: the photo's loss mask, not a photo
 
 
 def find_images(folder):
-    """Image files directly in `folder`, sorted by name (hidden files such as macOS '._x.jpg' skipped)."""
-    return sorted(p for p in Path(folder).iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+    """Image files directly in `folder`, sorted by name (hidden files such as macOS '._x.jpg' and masks
+    'x.mask.png' skipped)."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS
+                  and not p.name.startswith(".") and not p.name.lower().endswith(MASK_SUFFIX))
 
 
 def _gray_to_8bit(img):

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from ..lora import LoRALinear, lora_class, lora_delta
+from ..lora import LoRALinear, dora_axis, dora_weight, lora_delta, make_wrapper
 from .lora_file import kernel_size, module_groups
 from .lora_names import TEXT_PARTS, module_table, text_path
 
@@ -108,6 +108,21 @@ def _check_family(groups, tables, metadata=None, unet=None):
 # ---------------------------------------------------------------------------------------------------
 # Applying
 
+def _dora(key, g, path, w):
+    """DoRA's magnitude of group `g` shaped [out, 1, ...] or [1, in, ...] (its axis, lora.channel_norm), or None.
+    LyCORIS stores [out, 1(, 1, 1)] or [1, in(, 1, 1)]; peft always the output axis, [out] (convs: [1, out, 1, 1])."""
+    m = g.get("dora")
+    if m is None:
+        return None
+    out, ones = w.shape[0], [1] * (w.dim() - 1)
+    if m.numel() == out and (g["style"] == "peft" or m.shape[0] == out):
+        return m.reshape(out, *ones)
+    if m.dim() >= 2 and m.shape[0] == 1 and m.numel() == w.shape[1]:
+        return m.reshape(1, w.shape[1], *ones[1:])
+    raise UserError(f"LoRA module {key} has a DoRA scale of shape {tuple(m.shape)}, which fits neither axis of "
+                    f"{path} {tuple(w.shape)} (another base model?)")
+
+
 def _checked(key, g, path, w):
     """(down, up, mid) of group `g` if its shapes fit the weight `w` of `path`, else a UserError."""
     down, up, mid = g["down"], g["up"], g.get("mid")
@@ -159,15 +174,17 @@ def _alpha(g, config, path, rank):
 
 
 @torch.no_grad()
-def _merge(w, down, up, mid, scale):
-    """W += scale * B A (LoCon with mid: the CP composition of up, mid, down), in fp32, rounded once."""
+def _merge(w, down, up, mid, scale, dora=None, strength=1.0):
+    """W += scale * B A (LoCon with mid: the CP composition of up, mid, down), in fp32, rounded once.
+    DoRA (`dora` = its magnitude): W += strength * (m (W + scale B A) / ||W + scale B A|| - W)."""
     down, up = down.to(w.device, torch.float32), up.to(w.device, torch.float32)
     if mid is None:
         delta = lora_delta(up, down, scale, w.shape)
     else:
         mid = mid.to(w.device, torch.float32)
         delta = scale * torch.einsum("r s k l, o r, s i -> o i k l", mid, up.flatten(1), down.flatten(1))
-    w.copy_((w.float() + delta).to(w.dtype))
+    merged = w.float() + delta if dora is None else dora_weight(w, delta, dora.to(w.device), strength)
+    w.copy_(merged.to(w.dtype))
 
 
 def _text_tables(text_encoder, text_encoder_2, groups):
@@ -181,9 +198,10 @@ def _text_tables(text_encoder, text_encoder_2, groups):
 @torch.no_grad()
 def apply_lora(unet, text_encoder, tensors, scale=1.0, merge=True, metadata=None, text_encoder_2=None):
     """Apply a LoRA file's tensors: W += scale * (alpha / r) * B A  (merge=True; LoCon convs: B A is the
-    1x1-after-k x k composition), or wrap each layer with a LoRA module of multiplier `scale`
-    (merge=False, strength changeable later). `metadata` (load_lora's second value) supplies the alpha
-    of diffusers / peft files that keep it there. SDXL: `text_encoder_2` is OpenCLIP bigG (kohya's te2).
+    1x1-after-k x k composition; DoRA: lora.dora_weight at strength `scale`), or wrap each layer with a LoRA
+    module of multiplier `scale` (merge=False, strength changeable later). `metadata` (load_lora's second
+    value) supplies the alpha of diffusers / peft files that keep it there. SDXL: `text_encoder_2` is OpenCLIP
+    bigG (kohya's te2).
 
     Module names are found by converting each of the model's own module paths to kohya form (paths
     contain '_' themselves, e.g. 'to_q', 'transformer_blocks', so a key cannot be split back).
@@ -209,10 +227,12 @@ def apply_lora(unet, text_encoder, tensors, scale=1.0, merge=True, metadata=None
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             raise UserError(f"LoRA module {key} targets {path}, a {type(module).__name__}")
         down, up, mid = _checked(key, g, path, module.weight)
+        dora = _dora(key, g, path, module.weight)
         rank = down.shape[0]
         alpha = _alpha(g, configs[part], text_path(path) if part in TEXT_PARTS else path, rank)
         if merge:
-            _merge(module.weight, down, up, mid, scale * alpha / rank)
+            lora_scale = scale * alpha / rank if dora is None else alpha / rank  # DoRA: the strength acts outside
+            _merge(module.weight, down, up, mid, lora_scale, dora, scale)
             applied[(part, path)] = module
             continue
         model = models[part]
@@ -220,9 +240,10 @@ def apply_lora(unet, text_encoder, tensors, scale=1.0, merge=True, metadata=None
             raise UserError(f"{path} already has a LoRA: pass merge=True to stack another one")
         if mid is not None:
             raise UserError(f"LoRA module {key} has a lora_mid (CP-decomposed LoCon): pass merge=True")
-        lora = lora_class(module)(module, rank, alpha, multiplier=scale)
-        lora.lora_down.weight.copy_(down.reshape(lora.lora_down.weight.shape))
-        lora.lora_up.weight.copy_(up.reshape(lora.lora_up.weight.shape))
+        axis = None if dora is None else dora_axis(dora, module.weight.shape)
+        lora = make_wrapper(module, rank, alpha, multiplier=scale, dora=axis)
+        for t, saved in zip(lora.trainable(), (down, up, dora)):  # DoRA: the magnitude is third
+            t.copy_(saved.reshape(t.shape))
         parent, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent), child, lora)
         applied[(part, path)] = lora

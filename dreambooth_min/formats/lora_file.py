@@ -2,12 +2,14 @@
 
 Kept apart from the names (lora_names.py) and from applying a file to a model (lora_apply.py) because
 everything here is decided by the file alone: the same file is written by training, read back to resume,
-and checked (a DoRA, a LoHa, a Flux LoRA is refused) before any model is looked at.
+and checked (a LoHa, a Flux LoRA is refused) before any model is looked at.
 
 File format we write (kohya / A1111 / ComfyUI / diffusers all read it):
     lora_unet_<module path, '.' -> '_'>.lora_down.weight [r, in] (1x1 convs: [r, in, 1, 1];
         k x k convs, LoCon: [r, in, k, k])
     lora_unet_<...>.lora_up.weight [out, r] (convs: [out, r, 1, 1]),  lora_unet_<...>.alpha (0-d)
+    lora_unet_<...>.dora_scale (DoRA, LyCORIS' key) [out, 1] / [out, 1, 1, 1], or [1, in] / [1, in, 1, 1]
+        (magnitudes per input channel, as A1111 and ComfyUI read them best; docs/dora-and-ema.md)
     lora_te_text_model_<path inside CLIPTextModel>.*  for the text encoder.
 SDXL files (kohya sd-scripts' SDXL networks, as ComfyUI and A1111 read them) name UNet layers by their LDM paths
 (lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q) and the two text encoders lora_te1_ (CLIP-L) and
@@ -30,12 +32,19 @@ from .lora_names import kohya_modules, parse_key
 from .safetensors_io import SafetensorsFile, save_atomic
 
 
+def wrapper_fields(m):
+    """[(kohya field, tensor)] of one wrapper's trained tensors: lora_down / lora_up weights and, for DoRA,
+    LyCORIS' `dora_scale` (the magnitude, [out, 1(, 1, 1)] or [1, in(, 1, 1)] by its axis)."""
+    return [("lora_down.weight", m.lora_down.weight), ("lora_up.weight", m.lora_up.weight)] + \
+        ([("dora_scale", m.magnitude)] if hasattr(m, "magnitude") else [])
+
+
 def lora_state_dict(unet_loras, text_loras=None, dtype=torch.float32, text_loras_2=None, unet_paths=None):
     """Named tensors in kohya's format for the wrappers returned by inject_lora (SDXL: see kohya_modules)."""
     out = {}
     for k, m in kohya_modules(unet_loras, text_loras, text_loras_2, unet_paths):
-        out[k + ".lora_down.weight"] = m.lora_down.weight.detach().to("cpu", dtype)
-        out[k + ".lora_up.weight"] = m.lora_up.weight.detach().to("cpu", dtype)
+        for field, t in wrapper_fields(m):
+            out[f"{k}.{field}"] = t.detach().to("cpu", dtype)
         out[k + ".alpha"] = torch.tensor(m.alpha, dtype=torch.float32)
     return out
 
@@ -95,14 +104,16 @@ def load_lora(path):
     if not path.is_file():
         raise UserError(f"LoRA file {path} does not exist")
     f = SafetensorsFile(path)
-    return {k: f.read(k) for k in f.entries}, f.metadata
+    _refuse_other_kinds(f.entries)  # by the names alone, before a model given here is read whole
+    return {k: f.read(k) for k in f.entries}, f.metadata  # every value checked finite (NonFinite names the tensor)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Reading other people's files: every key -> (part, module name, field), grouped by module
 
-# (key pattern, kind): LyCORIS / DoRA networks whose weight update is not (alpha / r) B A
-OTHER_KINDS = ((r"dora_scale", "DoRA"), (r"lora_magnitude_vector", "DoRA"), (r"\.hada_", "LoHa (hada_)"),
+# (key pattern, kind): LyCORIS networks whose weight update is not (alpha / r) B A (DoRA's dora_scale /
+# lora_magnitude_vector is read; LyCORIS' wd_on_diff DoRA, which decomposes dW alone, is not)
+OTHER_KINDS = ((r"\.wd_for_diff$", "DoRA of the difference (LyCORIS wd_on_diff)"), (r"\.hada_", "LoHa (hada_)"),
                (r"\.lokr_", "LoKr (lokr_)"), (r"\.oft_", "OFT"), (r"\.on_input$", "IA3"), (r"\.[wb]_norm$", "norm"),
                (r"\.diff(_b)?$", "full-difference"), (r"\.a1\.weight$", "GLoRA"),
                (r"\.lora_B(\.[\w-]+)?\.bias$", "LoRA-bias"))
@@ -127,7 +138,7 @@ def _refuse_other_kinds(tensors):
 
 
 def module_groups(tensors):
-    """{(part, module name): {'down', 'up', 'alpha', 'mid', 'style'}} for kohya and diffusers/peft key styles.
+    """{(part, module name): {'down', 'up', 'alpha', 'mid', 'dora', 'style'}} for kohya and diffusers/peft key styles.
 
     kohya: part 'unet'/'te' (SDXL: 'te1'/'te2'), name = the kohya name (resolved later against the model's paths).
     peft ('unet.<path>.lora_A.weight', 'text_encoder.<path>.lora_B.weight', SDXL's 'text_encoder_2.<path>...':

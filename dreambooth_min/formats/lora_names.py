@@ -61,7 +61,8 @@ def kohya_modules(unet_loras, text_loras=None, text_loras_2=None, unet_paths=Non
 # ---------------------------------------------------------------------------------------------------
 # Reading: every key of a LoRA file -> (part, module name, field)
 
-KOHYA_FIELDS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "lora_mid.weight": "mid"}
+KOHYA_FIELDS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "lora_mid.weight": "mid",
+                "dora_scale": "dora"}
 # diffusers / peft key endings. `_lora.down.weight` is diffusers' pre-peft attention-processor form
 # (`attn1.processor.to_q_lora.down.weight`), `lora_linear_layer` its text-encoder MLP form.
 PEFT_FIELDS = [(re.compile(r"\.lora_A(\.[\w-]+)?\.weight$"), "down"),  # peft; `.default` = an adapter name
@@ -69,7 +70,8 @@ PEFT_FIELDS = [(re.compile(r"\.lora_A(\.[\w-]+)?\.weight$"), "down"),  # peft; `
                (re.compile(r"\.lora(_linear_layer)?\.down\.weight$"), "down"),
                (re.compile(r"\.lora(_linear_layer)?\.up\.weight$"), "up"),
                (re.compile(r"_lora\.down\.weight$"), "down"), (re.compile(r"_lora\.up\.weight$"), "up"),
-               (re.compile(r"\.alpha$"), "alpha")]
+               (re.compile(r"\.alpha$"), "alpha"),
+               (re.compile(r"\.lora_magnitude_vector(\.[\w-]+)?(\.weight)?$"), "dora")]  # peft's DoRA, [out]
 UNET_PATH_STARTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.")
 
 

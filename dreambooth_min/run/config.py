@@ -47,6 +47,10 @@ class TrainConfig:
     resolution: int = option(0, "training size in pixels (0: 512 for SD 1.x and 2.x-base, 768 for SD 2.x "
                                 "v-models, 1024 for SDXL)", SUBJECT)
     flip: bool = option(True, "no random horizontal flips: for asymmetric subjects (text, logos)", SUBJECT)
+    aspect_buckets: bool = option(False, "train photos of any shape whole, resized into buckets of about "
+                                         "--resolution^2 pixels (sides multiples of 64), not centre-cropped", SUBJECT)
+    masks: str = option("", "a folder of loss masks, DIR/name.png (or name.mask.png) for name.jpg: white is learnt, "
+                            "black ignored (default: name.mask.png beside a photo, if any)", SUBJECT, metavar="DIR")
 
     prior_weight: float = option(1.0, "lambda, the weight of the class-image loss; 0 (or --no-prior) trains on "
                                       "the subject's photos alone", PRIOR, alias=("--no-prior", 0.0))
@@ -67,6 +71,9 @@ class TrainConfig:
     conv_alpha: float = option(0.0, "alpha of the convolution LoRA (0: = --alpha)", LORA)
     pivotal: bool = option(False, "pivotal tuning: also learn new tokens' embeddings (--token, default <s0><s1>, "
                                   "initialised from --class-noun's), written apart to embedding.safetensors", LORA)
+    dora: str = option("", "DoRA (Liu et al. 2024): learn a magnitude per output channel (--dora, as peft), or per "
+                           "input channel (--dora in: as A1111 and ComfyUI read it exactly); see docs/dora-and-ema.md",
+                       LORA, choices=("out", "in"), nargs="?", const="out")
 
     epochs: int = option(300, "passes over the instance images", OPTIM)
     steps: int = option(0, "optimizer steps; overrides --epochs when > 0", OPTIM)
@@ -88,6 +95,9 @@ class TrainConfig:
     snr_gamma: float = option(0.0, "min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5; 0 disables", OPTIM)
     offset_noise: float = option(0.0, "offset-noise strength, e.g. 0.05; 0 disables", OPTIM)
     seed: int = option(0, "seed of every random draw", OPTIM)
+    ema_decay: float = option(0.0, "keep an exponential moving average of the LoRA with this decay, e.g. 0.999; "
+                                   "validation and lora.safetensors use it, lora_raw.safetensors keeps the last "
+                                   "step's; 0 disables", OPTIM)
 
     device: str = option("", "cuda or cpu (default: cuda if available)", HARDWARE)
     precision: str = option("", "fp16 = frozen fp16 base + autocast + GradScaler (default on CUDA; on the CPU "
@@ -98,6 +108,10 @@ class TrainConfig:
     vae_precision: str = option("", "precision of the VAE's encoding and decoding (default: the base's, but fp32 for "
                                     "SDXL over an fp16 base: SDXL's VAE overflows fp16 into NaN / black images)",
                                 HARDWARE, choices=tuple(DTYPES))
+    low_memory: bool = option(False, "recompute GroupNorm+SiLU and GEGLU in backward on CUDA too (always on the CPU, "
+                                     "where it pays): less activation memory, slower on a GPU", HARDWARE)
+    compile: bool = option(False, "torch.compile the UNet (CUDA graphs on CUDA); the first step includes compiling "
+                                  "(minutes for SD at full size)", HARDWARE)
 
     output: str = option("", "run folder (default: runs/<timestamp>)", OUTPUTS)
     save_every: int = option(250, "checkpoint every N steps; 0: only at the end and on Ctrl-C", OUTPUTS)
@@ -145,6 +159,8 @@ class TrainConfig:
                      "snr_gamma", "offset_noise", "alpha", "resolution"):
             if getattr(self, name) < 0:
                 raise SettingError(name, f"must not be negative, not {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            raise SettingError("ema_decay", f"must be at least 0 and below 1, not {self.ema_decay}")
         if self.resolution % 8:
             raise SettingError("resolution", f"must be a multiple of 8, not {self.resolution}")
         for f in dataclasses.fields(self):
@@ -165,9 +181,10 @@ class TrainConfig:
             if problem:
                 raise SettingError("token", problem)
 
-    def schedule_length(self, n_images):
-        """(micro-batches per epoch, optimizer steps in the run) for `n_images` photos."""
-        micro_per_epoch = math.ceil(n_images / min(self.batch_size, n_images))
+    def schedule_length(self, n_images, bucket_sizes=None):
+        """(micro-batches per epoch, optimizer steps in the run) for `n_images` photos; with --aspect-buckets
+        each batch comes from one bucket, and `bucket_sizes` are the photos in each."""
+        micro_per_epoch = sum(math.ceil(n / min(self.batch_size, n)) for n in bucket_sizes or [n_images])
         return micro_per_epoch, self.steps or math.ceil(self.epochs * micro_per_epoch / self.grad_accum)
 
     @property

@@ -1,39 +1,51 @@
-"""Instance images -> tensors in [-1, 1] -> cached VAE latents.
+"""Instance images -> tensors in [-1, 1] -> cached VAE latents (and the photos' masks).
 
 DreamBooth fine-tunes on 3-10 photos of one subject, so we decode and encode them once: the VAE
 posterior N(mean, std^2) of each image (and of its mirror image, for random flips) is stored, and
 every step draws a fresh latent z = (mean + std * eps) * scaling_factor, as LDM's training does.
+A photo's mask (`name.mask.png`, or --masks DIR) is cut and resized with its photo, and weights the loss
+on the latent grid (dreambooth.dreambooth_loss).
 """
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from ..conditioning import size_time_ids
 from ..errors import UserError
-from ..formats.images import IMAGE_EXTS, find_images, to_rgb
+from ..formats.images import IMAGE_EXTS, MASK_SUFFIX, find_images, to_rgb
+from .buckets import bucket_for
 
 
-def load_image(path, resolution):
-    """(image [3, R, R] float in [-1, 1], warning or None).
+def load_image(path, resolution, size=None):
+    """(image [3, H, W] float in [-1, 1], warning or None), (H, W) = `size` (an aspect bucket), default (R, R).
 
-    EXIF orientation is applied (phones store rotated pixels plus a flag), the short side is resized
-    to R with Lanczos (antialiased when shrinking) and the centre square is kept. Resizing straight
-    from the crop box of the original does both in one resampling step.
+    EXIF orientation is applied (phones store rotated pixels plus a flag), the photo is resized with
+    Lanczos (antialiased when shrinking) to cover H x W and the centre is kept. Resizing straight from the
+    crop box of the original does both in one resampling step.
     """
     with Image.open(path) as im:
         im.load()
         img = to_rgb(ImageOps.exif_transpose(im))
     w, h = img.size
-    s = min(w, h)
-    box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
-    img = img.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box)
-    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
+    th, tw = size or (resolution, resolution)
+    box = crop_box(w, h, tw, th)
+    img = img.resize((tw, th), Image.Resampling.LANCZOS, box=box)
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(th, tw, 3)
     x = x.permute(2, 0, 1).float() / 127.5 - 1.0  # [0, 255] -> [-1, 1], the VAE's input range
     warning = None
-    if s < resolution:
-        warning = f"{Path(path).name} is {w}x{h}, smaller than {resolution}x{resolution}: upscaled, may look soft"
+    if box[2] - box[0] < tw:
+        warning = f"{Path(path).name} is {w}x{h}, smaller than {tw}x{th}: upscaled, may look soft"
     return x, warning
+
+
+def crop_box(w, h, tw, th):
+    """The centred box of a w x h image with the aspect ratio of tw x th (the square of the short side for a
+    square target), as (left, top, right, bottom) in pixels of the image."""
+    cw, ch = min(w, h * tw / th), min(h, w * th / tw)
+    return (w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2
 
 
 def original_size(path):
@@ -45,18 +57,19 @@ def original_size(path):
     return h, w
 
 
-def photo_time_ids(sizes, resolution):
+def photo_time_ids(sizes, resolution, targets=None):
     """SDXL's size conditioning (Podell et al. 2023, sec. 2.2) of photos of original `sizes` [(h, w)] trained at
-    R x R: one row (h, w, crop top, crop left, R, R) each, [N, 6] float.
+    R x R, or each at its aspect bucket `targets` [(H, W)]: one row (h, w, crop top, crop left, H, W) each,
+    [N, 6] float.
 
-    As diffusers' train_dreambooth_lora_sdxl.py with --center_crop computes it: the short side is resized to R
-    (torchvision's Resize: the long side becomes int(R * long / short)), and the crop's top-left corner is
-    round((resized - R) / 2) in the resized image."""
+    As diffusers' train_dreambooth_lora_sdxl.py with --center_crop computes it: the photo is resized to cover
+    H x W (torchvision's Resize: the other side becomes int(H * w / h) or int(W * h / w)), and the crop's
+    top-left corner is round((resized - target) / 2) in the resized image."""
     rows = []
-    for h, w in sizes:
-        rh, rw = (resolution, int(resolution * w / h)) if h <= w else (int(resolution * h / w), resolution)
-        crop = max(0, int(round((rh - resolution) / 2.0))), max(0, int(round((rw - resolution) / 2.0)))
-        rows.append(size_time_ids((h, w), crop, (resolution, resolution)))
+    for (h, w), (th, tw) in zip(sizes, targets or [(resolution, resolution)] * len(sizes)):
+        rh, rw = (th, int(th * w / h)) if h * tw <= w * th else (int(tw * h / w), tw)
+        crop = max(0, int(round((rh - th) / 2.0))), max(0, int(round((rw - tw) / 2.0)))
+        rows.append(size_time_ids((h, w), crop, (th, tw)))
     return torch.stack(rows) if rows else torch.zeros(0, 6)
 
 
@@ -72,7 +85,25 @@ def caption_for(path, prompt):
 
 def load_instance_images(folder, resolution, prompt, with_sizes=False):
     """(images [N, 3, R, R] in [-1, 1], captions [N], warnings [str]) from a folder of photos, and with
-    `with_sizes` their original sizes [(h, w)] (SDXL's size conditioning, photo_time_ids).
+    `with_sizes` their original sizes [(h, w)] (SDXL's size conditioning, photo_time_ids)."""
+    photos = load_photos(folder, resolution, prompt)
+    return (torch.stack(photos.images), photos.captions, photos.warnings) + ((photos.sizes,) if with_sizes else ())
+
+
+@dataclass
+class Photos:
+    """The subject's photos as training reads them."""
+    images: list = field(default_factory=list)  # [3, H, W] in [-1, 1] each: R x R, or its bucket's size
+    captions: list = field(default_factory=list)
+    sizes: list = field(default_factory=list)  # (h, w) of each photo as it stands upright
+    buckets: list = None  # --aspect-buckets: (H, W) of each; None: all R x R
+    masks: list = None  # [1, H, W] in [0, 1] each, cut and resized as its photo; None: no masks
+    warnings: list = field(default_factory=list)
+
+
+def load_photos(folder, resolution, prompt, buckets=None, masks=None):
+    """The Photos in `folder`: each centre-cropped to R x R, or with `buckets` (--aspect-buckets) resized whole
+    into the bucket nearest its shape; with `masks` ({photo path: mask path}, check_masks) their masks.
 
     Unreadable files are skipped with a warning as long as one image is readable; otherwise, and
     for a missing / empty folder, a UserError says what is wrong in one line.
@@ -85,26 +116,98 @@ def load_instance_images(folder, resolution, prompt, with_sizes=False):
     paths = find_images(folder)
     if not paths:
         raise UserError(f"{folder} holds no images ({', '.join(IMAGE_EXTS)})")
-    images, captions, warnings, failed, sizes = [], [], [], [], []
+    photos, failed = Photos(buckets=[] if buckets else None, masks=[] if masks else None), []
     for p in paths:
         try:
-            x, warning = load_image(p, resolution)
+            size = original_size(p)
+            target = bucket_for(size, buckets) if buckets else None
+            x, warning = load_image(p, resolution, target)
         except Exception as e:  # any decoder failure (truncated, not an image, decompression bomb...)
             failed.append(f"{p.name} ({type(e).__name__}: {e})")
             continue
-        images.append(x)
-        sizes.append(original_size(p))
-        captions.append(caption_for(p, prompt))
+        photos.images.append(x)
+        photos.sizes.append(size)
+        photos.captions.append(caption_for(p, prompt))
+        if buckets:
+            photos.buckets.append(target)
+        if masks:
+            photos.masks.append(load_mask(masks[p], tuple(x.shape[-2:])))
         if warning:
-            warnings.append(warning)
-    if not images:
+            photos.warnings.append(warning)
+    if not photos.images:
         raise UserError(f"none of the {len(paths)} images in {folder} could be read, e.g. {failed[0]}")
-    warnings += [f"skipped unreadable image {f}" for f in failed]
+    photos.warnings += [f"skipped unreadable image {f}" for f in failed] + _ignored_files(folder)
+    return photos
+
+
+def _ignored_files(folder):
     others = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
                     and p.suffix.lower() not in IMAGE_EXTS + (".txt", ".md"))  # captions; a README or attribution
-    if others:
-        warnings.append(f"ignored {len(others)} files that are not {'/'.join(IMAGE_EXTS)} images, e.g. {others[0]}")
-    return (torch.stack(images), captions, warnings) + ((sizes,) if with_sizes else ())
+    return [f"ignored {len(others)} files that are not {'/'.join(IMAGE_EXTS)} images, e.g. {others[0]}"] if others \
+        else []
+
+
+# ---------------------------------------------------------------------------------------------
+# masks: grey levels weight the loss (white: learn this, black: ignore it)
+
+def mask_paths(folder, mask_dir=""):
+    """{photo: its mask} for the photos in `folder`, or {} when they have none: `name.mask.png` beside
+    `name.jpg`, or with --masks DIR `DIR/name.mask.png` or `DIR/name.png`. Masks are all or none."""
+    photos = find_images(folder)
+    if not mask_dir:
+        beside = {p: p.with_name(p.stem + MASK_SUFFIX) for p in photos}
+        return beside if any(m.exists() for m in beside.values()) else {}
+    folder = Path(mask_dir)
+    if not folder.is_dir():
+        raise UserError(f"--masks {folder} is not a folder (give the folder that holds name.mask.png or name.png "
+                        "for each photo name.jpg)")
+    return {p: next((m for m in (folder / (p.stem + MASK_SUFFIX), folder / f"{p.stem}.png") if m.exists()),
+                    folder / (p.stem + MASK_SUFFIX)) for p in photos}
+
+
+def check_masks(folder, mask_dir=""):
+    """mask_paths, each mask checked (it exists, decodes, has its photo's size and is not black everywhere),
+    before any slow work: a bad one is one UserError line that names it."""
+    masks = mask_paths(folder, mask_dir)
+    for photo, mask in masks.items():
+        if not mask.exists():
+            raise UserError(f"{photo.name} has no mask {mask}: when one photo has a mask, every photo needs one")
+        try:
+            h, w = original_size(photo)
+        except Exception:
+            continue  # an unreadable photo is skipped with a warning, and its mask with it
+        try:
+            image = read_mask(mask)
+        except Exception as e:
+            raise UserError(f"cannot read the mask {mask} ({type(e).__name__}: {e})") from None
+        if image.size != (w, h):
+            raise UserError(f"the mask {mask} is {image.size[0]}x{image.size[1]} but its photo {photo.name} is "
+                            f"{w}x{h}: a mask has its photo's size")
+        if image.getbbox() is None:
+            raise UserError(f"the mask {mask} is black everywhere: nothing of {photo.name} would be learnt")
+    return masks
+
+
+def read_mask(path):
+    """The mask at `path` as an 8-bit grey PIL image, upright (EXIF), transparent pixels white."""
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb(ImageOps.exif_transpose(im)).convert("L")
+
+
+def load_mask(path, size):
+    """The mask [1, H, W] in [0, 1] of a photo trained at `size` (H, W): cut with the photo's crop box and
+    area-averaged (box filter), so that grey levels stay weights."""
+    image = read_mask(path)
+    th, tw = size
+    image = image.resize((tw, th), Image.Resampling.BOX, box=crop_box(*image.size, tw, th))
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(1, th, tw).float() / 255.0
+
+
+def latent_mask(mask, latent_size):
+    """A mask [1, H, W] on the latent grid (h, w): the area average of each latent pixel's H/h x W/w pixels."""
+    h, w = latent_size
+    return F.avg_pool2d(mask[None], (mask.shape[-2] // h, mask.shape[-1] // w))[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,11 +243,12 @@ class LatentCache:
     everything, and the latents are the same either way (one image per encode).
     """
 
-    def __init__(self, vae, images, flip=True, sizes=None):
-        self.vae, self.images, self.views = vae, images, 2 if flip else 1
+    def __init__(self, vae, images, flip=True, sizes=None, masks=None):
+        self.vae, self.images, self.views = vae, images, 2 if flip else 1  # [N, 3, H, W], or a list of [3, H, W]
         self.scaling_factor = vae.scaling_factor
         self.posteriors = {}  # (image, view) -> (mean, std) [4, h, w]
         self.sizes = sizes  # SDXL: [N, 6] photo_time_ids of the images (a mirror image has its original's); else None
+        self.masks = masks  # [1, H, W] in [0, 1] per image (a mirror image has its mask mirrored); else None
 
     def __len__(self):
         return len(self.images)
@@ -155,7 +259,7 @@ class LatentCache:
 
     def posterior(self, i, view):
         if (i, view) not in self.posteriors:
-            image = self.images[i:i + 1]
+            image = self.images[i].unsqueeze(0)
             mean, std = encode_latents(self.vae, image.flip(-1) if view else image, batch_size=1)
             self.posteriors[i, view] = mean[0], std[0]
         return self.posteriors[i, view]
@@ -167,10 +271,18 @@ class LatentCache:
 
     def sample(self, index, generator=None):
         """z = (mean + std * eps) * scaling_factor for images `index` (a LongTensor), random view each."""
+        return self.draw(index, generator)[0]
+
+    def draw(self, index, generator=None):
+        """(z, m): sample()'s latents, and the images' masks on the latent grid [len(index), 1, h, w] (mirrored
+        with a mirrored view), or None without masks."""
         index = torch.as_tensor(index, dtype=torch.long)
         gdev = generator.device if generator is not None else torch.device("cpu")
         view = torch.randint(self.views, (len(index),), generator=generator, device=gdev).cpu()
         pairs = [self.posterior(int(i), int(v)) for i, v in zip(index, view)]
         mean, std = torch.stack([m for m, _ in pairs]), torch.stack([s for _, s in pairs])
         eps = torch.randn(mean.shape, generator=generator, device=gdev).to(mean.device)
-        return (mean + std * eps) * self.scaling_factor
+        masks = None if self.masks is None else torch.stack([
+            latent_mask(self.masks[int(i)].flip(-1) if v else self.masks[int(i)], mean.shape[-2:])
+            for i, v in zip(index, view)])
+        return (mean + std * eps) * self.scaling_factor, masks

@@ -152,9 +152,9 @@ def global_config(cfg):
     return cfg if _world == 1 else dataclasses.replace(cfg, batch_size=cfg.batch_size * _world)
 
 
-def schedule_length(cfg, n_images):
+def schedule_length(cfg, n_images, bucket_sizes=None):
     """cfg.schedule_length for the global batch: (micro-batches per epoch, optimizer steps)."""
-    return global_config(cfg).schedule_length(n_images)
+    return global_config(cfg).schedule_length(n_images, bucket_sizes)
 
 
 def local_batch(batch):
@@ -175,7 +175,8 @@ def local_batch(batch):
     mine, k = part(0, n_inst) + part(n_inst, n_class), len(part(0, n_inst))
     local = dataclasses.replace(batch, latents=batch.latents[mine], noise=batch.noise[mine],
                                 timesteps=batch.timesteps[mine], prompts=[batch.prompts[i] for i in mine],
-                                n_instance=k, time_ids=None if batch.time_ids is None else batch.time_ids[mine])
+                                n_instance=k, time_ids=None if batch.time_ids is None else batch.time_ids[mine],
+                                mask=None if batch.mask is None else batch.mask[mine])
     return local, _world * k / n_inst
 
 

@@ -64,3 +64,13 @@ def estimate(cfg, per_latent, to_draw, validations):
     latents = cfg.batch_size * (2 if cfg.use_prior else 1) * cfg.grad_accum
     step = latents * per_latent * STEP_PASSES * (CHECKPOINTING if cfg.gradient_checkpointing else 1)
     return class_images, step, validations * cfg.validation_images * cfg.validation_steps * 2 * per_latent
+
+
+def compile_line(device_type, version):
+    """The plan's line for --compile: the first step compiles the UNet's forward and backward (hardware.compile_unet).
+    Full-size times are inductor's usual ones on a GPU, not yet measured here (docs/gpu.md); the run prints the
+    first step's real time."""
+    how = "CUDA graphs" if device_type == "cuda" else "inductor"
+    typical = "3-5 min" if version == "sdxl" else "1-2 min"
+    return (f"compile     the UNet with torch.compile ({how}): the first step includes compiling, typically {typical} "
+            f"at full size on a GPU; its time is printed")

@@ -47,6 +47,17 @@ class Hardware:
         return torch.amp.GradScaler(self.device_type, enabled=self.precision == "fp16")
 
 
+def compile_unet(unet, backend="inductor"):
+    """torch.compile the UNet in place (its forward, and its backward through AOTAutograd); parameter names and
+    file keys stay. On CUDA with CUDA graphs ("reduce-overhead": a training step's shapes are static, one
+    resolution and batch), which removes the per-kernel launch cost that bounds the eager step; elsewhere
+    inductor's default mode (C++ kernels on the CPU: needs a C compiler). The first call compiles (minutes at
+    full size), and a new shape (validation's batch) compiles once more."""
+    cuda = next(unet.parameters()).device.type == "cuda"
+    unet.compile(backend=backend, mode="reduce-overhead" if cuda and backend == "inductor" else None, dynamic=False)
+    return unet
+
+
 def precision_name(dtype):
     """torch.float16 -> 'fp16' (the names of DTYPES)."""
     return next(name for name, d in DTYPES.items() if d == dtype)

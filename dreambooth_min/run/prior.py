@@ -39,7 +39,8 @@ def damaged(path):
 
 def ensure_class_images(sd, folder, prompt, n, resolution, steps, guidance=GUIDANCE, seed=0, batch_size=BATCH_SIZE,
                         negative_prompt="", log=tqdm.write, rank=0, world=1):
-    """Make sure `folder` holds class images 0..n-1; draw the missing or damaged ones. Returns their paths.
+    """Make sure `folder` holds class images 0..n-1 of size `resolution` (R, or (height, width) for an aspect
+    bucket); draw the missing or damaged ones. Returns their paths.
 
     Under torchrun, process `rank` of `world` draws the blocks of `batch_size` indices numbered rank,
     rank + world, ...: the same batches, hence the same files, as one process, and nothing to agree on.
@@ -67,6 +68,7 @@ def ensure_class_images(sd, folder, prompt, n, resolution, steps, guidance=GUIDA
 
 
 def _draw(sd, paths, missing, prompt, resolution, steps, guidance, seed, batch_size, negative_prompt, show=True):
+    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(missing), desc=f"class images ({prompt!r})", unit="img", disable=not show)
     # Consecutive missing indices within a block of batch_size are batched; each image still has its own seed.
@@ -79,11 +81,11 @@ def _draw(sd, paths, missing, prompt, resolution, steps, guidance, seed, batch_s
     try:
         for run in runs:
             images = generate(sd, prompt, negative_prompt, num_images=len(run), steps=steps, guidance=guidance,
-                              seed=seed + run[0], height=resolution, width=resolution, progress=False,
+                              seed=seed + run[0], height=height, width=width, progress=False,
                               batch_size=batch_size)
             for i, image in zip(run, images):
                 save_png(image, paths[i], parameters_text(prompt, negative_prompt, steps, guidance, seed + i,
-                                                          resolution, resolution, sd.name, ETA))
+                                                          width, height, sd.name, ETA))
                 bar.update(1)
     except KeyboardInterrupt:
         bar.close()  # ends the bar's line, so that what follows has a line of its own

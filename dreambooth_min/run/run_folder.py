@@ -1,4 +1,5 @@
-"""The run folder: config.json, log.jsonl, loss.png, samples/, checkpoints/, and the final lora.safetensors.
+"""The run folder: config.json, plan.txt, log.jsonl, loss.png, samples/, checkpoints/, the final lora.safetensors,
+events.jsonl (where the run stopped and resumed) and report.html (all of it on one page, watch/page.py).
 
 Every file is written atomically (temporary file + rename), so an interrupted run never leaves a
 half-written file that a reader or `--resume` would take for whole; log.jsonl is appended one whole line
@@ -10,10 +11,14 @@ import shutil
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from ..errors import DiskFull, UserError
 from ..formats.png import save_png
+from ..watch.page import write_report
 from ..watch.plots import plot_loss
 from ..watch.report import append_jsonl, labelled_row, read_jsonl, stack_rows, write_text_atomic
+from . import distributed as dist
 from .state import checkpoint_problem
 
 
@@ -22,6 +27,7 @@ class RunFolder:
         self.path = Path(path)
         self.log_path, self.samples = self.path / "log.jsonl", self.path / "samples"
         self.lora_path, self.checkpoints = self.path / "lora.safetensors", self.path / "checkpoints"
+        self.events_path = self.path / "events.jsonl"
 
     @classmethod
     def choose(cls, output, resume):
@@ -40,7 +46,7 @@ class RunFolder:
             raise UserError(f"cannot write to the output folder {run.path}: {existing} is not a writable folder")
         if not resume and run.log_path.exists():  # a run that died before its first checkpoint: it starts over
             run.drop_after(0, -1)
-            for stale in (run.log_path, run.path / "loss.png"):
+            for stale in (run.log_path, run.path / "loss.png", run.events_path, run.path / "report.html"):
                 stale.unlink(missing_ok=True)
         return run
 
@@ -69,6 +75,9 @@ class RunFolder:
     def write_config(self, config, resolved):
         write_text_atomic(self.path / "config.json", json.dumps({"config": config, "resolved": resolved}, indent=2))
 
+    def write_plan(self, plan):
+        write_text_atomic(self.path / "plan.txt", plan + "\n")
+
     def append_log(self, record):
         append_jsonl(self.log_path, record)
 
@@ -96,7 +105,33 @@ class RunFolder:
         stack_rows(sorted(self.samples.glob("epoch_*.png")), self.samples / "grid.png")
 
     def plot_loss(self):
-        plot_loss(self.records(), self.path / "loss.png")
+        plot_loss(self.records(), self.path / "loss.png", marks=self.resumptions())
+
+    def resumptions(self):
+        """[(step, "resumed")] of each --resume, to mark on the loss curve."""
+        return [(e["step"], "resumed") for e in read_jsonl(self.events_path) if e.get("event") == "resumed"
+                and isinstance(e.get("step"), int)]
+
+    def note(self, event, **facts):
+        """A line in events.jsonl: the run was interrupted, resumed or finished (report.html shows them)."""
+        now = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        append_jsonl(self.events_path, {"event": event, "time": now} | facts)
+
+    def write_report(self, result=None, command="python train.py"):
+        """report.html. At the end of a session `result` (training.train's) goes to events.jsonl first:
+        finished, or interrupted with its checkpoint and the command that continues it. A page that cannot
+        be written, even for a full disk, is a warning: the LoRA and checkpoints matter, and a full disk
+        stops the run at its next write of those."""
+        try:
+            if result is not None and result["interrupted"]:
+                checkpoint = f"checkpoints/{Path(result['lora']).parent.name}" if result["lora"] else "none"
+                self.note("interrupted", step=result["step"], checkpoint=checkpoint,
+                          resume=f"{command} --resume {self.path}")
+            elif result is not None:
+                self.note("finished", step=result["step"])
+            write_report(self.path)
+        except Exception as e:
+            tqdm.write(f"warning: {self.path / 'report.html'} not written ({type(e).__name__}: {e})")
 
     def latest_checkpoint(self):
         found = sorted(self.checkpoints.glob("step_*"))
@@ -126,6 +161,10 @@ class RunFolder:
                 shutil.rmtree(folder, ignore_errors=True)
         if found is not None:
             state.load(found)
+        if dist.is_main():
+            stopped = max((r["step"] for r in self.records() if isinstance(r.get("step"), int)), default=None)
+            self.note("resumed", step=state.step, checkpoint=found and f"checkpoints/{found.name}",
+                      stopped_at=stopped)
         return found
 
     def remove_temporary_files(self):

@@ -1,7 +1,8 @@
 """The training state: everything a resumed run needs to continue exactly as an uninterrupted one.
 
-LoRA factors, optimizer moments, GradScaler, learning-rate schedule and the random generators are saved
-and restored as one thing, in checkpoints/step_NNNNNN/{lora.safetensors, state.pt, manifest.json}.
+LoRA factors, optimizer moments, GradScaler, learning-rate schedule, the random generators (and the
+--ema-decay average) are saved and restored as one thing, in
+checkpoints/step_NNNNNN/{lora.safetensors, state.pt, manifest.json}.
 The manifest (step, size and SHA-256 of each file) is written last, inside a temporary folder that is
 renamed only when whole: a checkpoint whose files do not match their manifest was damaged afterwards
 (a truncated file after a machine crash, a disk error), and --resume passes over it (`checkpoint_problem`).
@@ -18,11 +19,12 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..formats.lora_file import load_lora, lora_state_dict, save_lora
+from ..formats.lora_file import load_lora, lora_state_dict, save_lora, wrapper_fields
 from ..formats.lora_names import kohya_modules
 from ..formats.safetensors_io import fsync_path, write_bytes_atomic, writing
 from ..lora import lora_parameters
 from . import distributed as dist
+from .ema import EMA, averaged
 from .optim import make_optimizer
 
 
@@ -66,23 +68,35 @@ class TrainingState:
         # The generator at the end of the last finished step, and whether the factors are whole (not in
         # the middle of an update): what `rewind` needs to checkpoint after a failure inside a step.
         self.boundary, self.whole = self.generator.get_state(), True
+        decay = getattr(cfg, "ema_decay", 0)  # a settings object from before --ema-decay has none
+        self.ema = EMA(lora_parameters(unet_loras, text_loras or {}, text_loras_2 or {}), decay) if decay else None
 
-    def optimizer_step(self, max_grad_norm, loss_finite=True):
+    def averaged(self):
+        """A context in which the LoRA holds its --ema-decay average (no change without one)."""
+        return averaged(self.ema)
+
+    def optimizer_step(self, max_grad_norm, running=None):
         """Unscale, clip, step AdamW, advance the LR. Non-finite numbers never reach the LoRA: the step is
-        skipped for a non-finite loss, and for inf/NaN gradients (by the GradScaler in fp16, here otherwise)."""
+        skipped for a non-finite loss, and for inf/NaN gradients (by the GradScaler in fp16, here otherwise).
+        Returns (the loss parts `running` [loss, instance, prior] as floats, the gradient norm as a float): read
+        together, the step's one host sync, which the log line needs anyway (fused AdamW's GradScaler needs none)."""
         self.whole = False  # until the update is done: a failure in between leaves nothing worth saving
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
-        if loss_finite and (self.scaler.is_enabled() or torch.isfinite(grad_norm)):
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm).reshape(1).float()
+        *losses, norm = (grad_norm if running is None else torch.cat([running.float(), grad_norm.to(running.device)])
+                         ).tolist()
+        if (not losses or math.isfinite(losses[0])) and (self.scaler.is_enabled() or math.isfinite(norm)):
             self.scaler.step(self.optimizer)
         with warnings.catch_warnings():  # a skipped step still advances the LR schedule, on purpose
             warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             self.lr_schedule.step()
+        if self.ema:
+            self.ema.update()
         self.step += 1
         self.boundary, self.whole = self.generator.get_state(), True
-        return grad_norm
+        return losses, norm
 
     def rewind(self):
         """Back to the end of the last finished step after a failure inside one (out of memory): the
@@ -95,8 +109,8 @@ class TrainingState:
         return True
 
     def checkpoint_bytes(self):
-        """About the size of one checkpoint: the LoRA factors and AdamW's two moments, in fp32."""
-        return 3 * sum(p.numel() * 4 for p in self.params) + (64 << 10)
+        """About the size of one checkpoint: the LoRA factors, AdamW's two moments (and the average), in fp32."""
+        return (4 if self.ema else 3) * sum(p.numel() * 4 for p in self.params) + (64 << 10)
 
     def lora_tensors(self):
         return lora_state_dict(self.unet_loras, self.text_loras, text_loras_2=self.text_loras_2,
@@ -115,7 +129,8 @@ class TrainingState:
             torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
                         "scaler": self.scaler.state_dict(), "lr_scheduler": self.lr_schedule.state_dict(),
                         "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
-                       | ({"embeddings": self.embeddings.vectors()} if self.embeddings else {}), buffer)
+                       | ({"embeddings": self.embeddings.vectors()} if self.embeddings else {})
+                       | ({"ema": self.ema.state_dict()} if self.ema else {}), buffer)
             write_bytes_atomic(tmp / "state.pt", buffer.getvalue())
             files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256(tmp / name)}
                      for name in CHECKPOINT_FILES}
@@ -139,6 +154,8 @@ class TrainingState:
                 _copy_factors(tensors, key, m, path)
         if self.embeddings:
             self.embeddings.load(state.get("embeddings", {}), path)
+        if self.ema:
+            self.ema.load_state_dict(state.get("ema") or EMA(self.ema.params, self.ema.decay).state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.lr_schedule.load_state_dict(state["lr_scheduler"])
@@ -179,12 +196,16 @@ def checkpoint_problem(folder):
             return f"{name} has {path.stat().st_size} bytes, its manifest says {entry.get('bytes')} (truncated?)"
         if sha256(path) != entry.get("sha256"):
             return f"{name} does not match its SHA-256 in {MANIFEST}"
+    try:  # a manifest can vouch for a bad file too (copied in by hand): its header and values are checked
+        load_lora(folder / "lora.safetensors")
+    except UserError as e:
+        return str(e)
     return None
 
 
 def _copy_factors(tensors, key, lora, path):
-    for field, w in (("lora_down", lora.lora_down.weight), ("lora_up", lora.lora_up.weight)):
-        saved = tensors.get(f"{key}.{field}.weight")
+    for field, w in wrapper_fields(lora):
+        saved = tensors.get(f"{key}.{field}")
         if saved is None or saved.shape != w.shape:
             raise UserError(f"checkpoint {path} does not fit this model and configuration ({key}.{field}): "
                             "was the base model replaced?")

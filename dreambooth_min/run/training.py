@@ -22,13 +22,20 @@ from ..lora import TEXT_TARGETS, inject_lora
 from ..watch.validation import Monitor, report_step, validate
 from . import distributed as dist
 from . import pivotal
+from .buckets import bucket_sizes, epoch_batch
 from .data import epoch_order
 from .faults import guarded
+from .hardware import compile_unet
 from .setup import prepare
 from .state import TrainingState, save_checkpoint
 
 
-validate_on_main = dist.main_only(validate)  # rank 0 draws and writes the samples; the others wait for it
+def validate_and_report(cfg, setup, epoch, step=0):
+    validate(cfg, setup, epoch, step)
+    setup.run.write_report()  # report.html shows the new row (and metrics)
+
+
+validate_on_main = dist.main_only(validate_and_report)  # rank 0 draws and writes the samples; the others wait
 
 
 class Interrupted(Exception):
@@ -51,7 +58,8 @@ def train(cfg, resume=False, stop_after=None, log=tqdm.write):
     setup = prepare(cfg, resume, log)
     log = dist.main_log(log)  # under torchrun rank 0 speaks for all
     unet_loras, text_loras, text_loras_2 = add_lora(cfg, setup.sd)
-    micro_per_epoch, total_steps = dist.schedule_length(cfg, len(setup.instance_latents))  # global batches
+    micro_per_epoch, total_steps = dist.schedule_length(cfg, len(setup.instance_latents),  # global batches
+                                                        bucket_sizes(setup.buckets))
     embeddings = pivotal.start(cfg, setup.sd, setup.captions, log) if cfg.pivotal else None  # --pivotal's tokens
     state = TrainingState(cfg, unet_loras, text_loras, setup.hardware.grad_scaler(), total_steps, text_loras_2,
                           kohya_unet_paths(setup.sd.unet), embeddings)
@@ -66,7 +74,10 @@ def train(cfg, resume=False, stop_after=None, log=tqdm.write):
         validate_on_main(cfg, setup, epoch=0)
     with guarded(cfg, setup, state, total_steps):  # out of memory, a full disk: one line and a checkpoint
         interrupted = run_loop(cfg, setup, state, total_steps, micro_per_epoch, stop_after)
-        return finish(cfg, setup, state, total_steps, interrupted, log)
+        result = finish(cfg, setup, state, total_steps, interrupted, log)
+        if dist.is_main():
+            setup.run.write_report(result, dist.command())  # report.html: the run on one page
+        return result
 
 
 def finish(cfg, setup, state, total_steps, interrupted, log):
@@ -81,13 +92,17 @@ def finish(cfg, setup, state, total_steps, interrupted, log):
                 "interrupted": True}
     embedding = pivotal.embedding_path(setup.run.path) if state.embeddings else None
     if dist.is_main():
-        save_lora(setup.run.lora_path, state.lora_tensors(), setup.lora_metadata(cfg, state.step))
+        metadata = setup.lora_metadata(cfg, state.step)
+        if state.ema:  # the last step's factors beside the average; lora.safetensors last: it marks the run done
+            save_lora(setup.run.path / "lora_raw.safetensors", state.lora_tensors(), metadata)
+        with state.averaged():
+            save_lora(setup.run.lora_path, state.lora_tensors(), metadata)
         if embedding:  # apart from the LoRA: token keys inside a LoRA file break some loaders
             pivotal.save(embedding, state.embeddings, cfg, setup.sd, state.step)
     samples = f"samples in {setup.run.samples}; " if cfg.validate_every or cfg.eval_every else ""
     log(f"done: {state.step} step{'s' * (state.step != 1)}; LoRA in {setup.run.lora_path}; "
-        f"{f'embedding in {embedding}; ' if embedding else ''}{samples}loss plot "
-        f"{setup.run.path / 'loss.png'}; try: python sample.py --model {cfg.model} --lora {setup.run.lora_path} "
+        f"{f'embedding in {embedding}; ' if embedding else ''}{samples}the run on one page: "
+        f"{setup.run.path / 'report.html'}; try: python sample.py --model {cfg.model} --lora {setup.run.lora_path} "
         f"{f'--embedding {embedding} ' if embedding else ''}"
         f"--prompt \"{setup.prompt} on the beach\" --height {setup.resolution} --width {setup.resolution}")
     return {"output": setup.run.path, "lora": setup.run.lora_path, "step": state.step, "interrupted": False}
@@ -101,28 +116,31 @@ def run_loop(cfg, setup, state, total_steps, micro_per_epoch, stop_after=None):
     bs = min(cfg.batch_size * dist.world_size(), n)  # the global batch
     contexts = TextContexts(setup.sd, trainable=bool(state.text_loras or state.text_loras_2 or state.embeddings))
     bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", disable=not dist.is_main())
-    start, boundary, running, stop = time.time(), state.generator.get_state(), None, False
+    start, boundary, running, stop, first = time.time(), state.generator.get_state(), None, False, state.step
     dist.stop_on_signal()
     try:
         for micro in range(state.step * cfg.grad_accum, total_steps * cfg.grad_accum):
             epoch, pos = divmod(micro, micro_per_epoch)
-            index = epoch_order(n, cfg.seed, epoch)[pos * bs:(pos + 1) * bs]
+            index = epoch_batch(epoch_order(n, cfg.seed, epoch), pos, bs, setup.buckets)  # one bucket's photos
             batch, share = dist.local_batch(assemble_batch(
-                setup.instance_latents, setup.captions, index, setup.class_latents, setup.class_prompt,
+                setup.instance_latents, setup.captions, index, setup.class_latents_for(index), setup.class_prompt,
                 state.generator, cfg.offset_noise))
             parts = micro_step(cfg, setup, state, batch, contexts, share)
             running = parts if running is None else running + parts  # the mean over the micro-batches
             if (micro + 1) % cfg.grad_accum == 0:
                 running, stop = dist.sync_step(state.params, running)  # torchrun: the mean over the processes
-                losses, lr = running.tolist(), state.optimizer.param_groups[0]["lr"]  # the rate this step uses
-                grad_norm = state.optimizer_step(cfg.max_grad_norm, loss_finite=math.isfinite(losses[0]))
+                lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses
+                losses, grad_norm = state.optimizer_step(cfg.max_grad_norm, running)  # the step's one host sync
                 log_step(setup, state, losses, lr, grad_norm, (micro + 1) / micro_per_epoch, time.time() - start, bar)
+                if cfg.compile and state.step == first + 1 and dist.is_main():  # the first step compiles
+                    bar.write(f"compile: the first step took {time.time() - start:.1f} s, compiling included")
                 boundary, running = state.generator.get_state(), None
                 if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
                     save_checkpoint(cfg, setup, state)
             epochs_done = (micro + 1) // micro_per_epoch
             if (micro + 1) % micro_per_epoch == 0 and cfg.is_validation_epoch(epochs_done):
-                validate_on_main(cfg, setup, epochs_done, state.step)
+                with state.averaged():  # --ema-decay: validation draws with the average
+                    validate_on_main(cfg, setup, epochs_done, state.step)
             if stop or (stop_after is not None and state.step >= stop_after):
                 raise Interrupted
     except Diverged:
@@ -161,7 +179,7 @@ def log_step(setup, state, losses, lr, grad_norm, epoch, seconds, bar):
     loss, loss_instance, loss_prior = losses
     finite = math.isfinite(loss)
     record = {"step": state.step, "epoch": round(epoch, 4), "loss": loss, "loss_instance": loss_instance,
-              "loss_prior": loss_prior, "lr": lr, "grad_norm": grad_norm.item(), "seconds": round(seconds, 3)}
+              "loss_prior": loss_prior, "lr": lr, "grad_norm": grad_norm, "seconds": round(seconds, 3)}
     if "d" in state.optimizer.param_groups[0]:  # Prodigy: its estimated step size; the step moves by about d * lr
         record["prodigy_d"] = float(state.optimizer.param_groups[0]["d"])
     state.nonfinite_in_a_row = 0 if finite else state.nonfinite_in_a_row + 1
@@ -200,13 +218,17 @@ class TextContexts:
 
 
 def add_lora(cfg, sd):
-    """LoRA wrappers on the UNet's `lora_targets` and, with --train-text-encoder, on the text encoders' attention
-    (SDXL: both): ({path: wrapper} of the UNet, of the text encoder, of SDXL's second one or None)."""
+    """LoRA (--dora: DoRA) wrappers on the UNet's `lora_targets` and, with --train-text-encoder, on the text
+    encoders' attention (SDXL: both): ({path: wrapper} of the UNet, of the text encoder, of SDXL's second one
+    or None)."""
     torch.manual_seed(cfg.seed)  # LoRA's down factors are drawn from the global generator
     unet_loras = inject_lora(sd.unet, cfg.lora_targets, cfg.rank, cfg.alpha or None,
-                             conv_rank=cfg.conv_rank or None, conv_alpha=cfg.conv_alpha or None)
-    text = lambda encoder: inject_lora(encoder, TEXT_TARGETS, cfg.rank, cfg.alpha or None) \
+                             conv_rank=cfg.conv_rank or None, conv_alpha=cfg.conv_alpha or None, dora=cfg.dora or None)
+    text = lambda encoder: inject_lora(encoder, TEXT_TARGETS, cfg.rank, cfg.alpha or None, dora=cfg.dora or None) \
         if cfg.train_text_encoder else {}
     second = getattr(sd, "text_encoder_2", None)
     sd.unet.gradient_checkpointing = cfg.gradient_checkpointing
+    sd.unet.low_memory = cfg.low_memory
+    if cfg.compile:
+        compile_unet(sd.unet)
     return unet_loras, text(sd.text_encoder), None if second is None else text(second)
