@@ -10,6 +10,7 @@ from dataclasses import dataclass
 INSTANCE_PROMPT, CLASS_PROMPT, RED_PROMPT = "a photo of sks circle", "a photo of a circle", "a photo of a red circle"
 PROMPTS = (INSTANCE_PROMPT, CLASS_PROMPT, RED_PROMPT)
 METRICS = ("fidelity", "drift", "red_kept")  # headline numbers, one per prompt (see measure.py)
+TRAIN_PROMPT = "a photo of {token} circle"  # train.py fills in {token}: sks, or --pivotal's <s0><s1>
 
 
 @dataclass(frozen=True)
@@ -19,11 +20,21 @@ class Case:
     short: str  # figure column header
     prior: bool  # prior preservation with class images drawn by the frozen model (DreamBooth eq. 2)
     args: tuple = ()  # further train.py arguments
+    token: str = "sks"  # the identifier in "a photo of sks circle" when sampled (--pivotal: its new tokens)
+    curve: bool = False  # a checkpoint every 50 steps, each sampled: steps to 90% fidelity (curves.py)
+
+    def prompt(self, prompt):
+        """`prompt` as this case's model is asked it: its own identifier instead of sks."""
+        return prompt.replace(" sks ", f" {self.token} ")
 
 
 CASES = (
-    Case("no_prior", "DreamBooth LoRA, no prior preservation", "DreamBooth, no prior", prior=False),
-    Case("prior", "DreamBooth LoRA with prior preservation", "DreamBooth + prior", prior=True),
+    Case("no_prior", "DreamBooth LoRA, no prior preservation", "DreamBooth, no prior", prior=False, curve=True),
+    Case("prior", "DreamBooth LoRA with prior preservation", "DreamBooth + prior", prior=True, curve=True),
+    Case("pivotal", "pivotal tuning (--pivotal) with prior preservation", "pivotal + prior", prior=True,
+         args=("--pivotal",), token="<s0><s1>", curve=True),
+    Case("pivotal_no_prior", "pivotal tuning (--pivotal), no prior preservation", "pivotal, no prior", prior=False,
+         args=("--pivotal",), token="<s0><s1>", curve=True),
 )
 PRETRAINED = Case("pretrained", "pretrained", "pretrained", prior=False)  # the model before any fine-tuning
 
@@ -35,20 +46,24 @@ def models(names=None):
 
 @dataclass(frozen=True)
 class Goal:
-    """The paper's claims as targets: `case`'s `metric` is at most (or at least) `value`."""
+    """The paper's claims as targets: `case`'s `metric` is at most (or at least) `value`; with `above_floor`,
+    at most `value` above the untouched (pretrained) model's own `metric` on the same seed."""
     label: str
     case: str
     metric: str
     at_most: bool
     value: float
+    above_floor: bool = False
 
     def met(self, results):
         x = results[self.case][self.metric]
-        return x <= self.value if self.at_most else x >= self.value
+        limit = self.value + (results["pretrained"][self.metric] if self.above_floor else 0.0)
+        return x <= limit if self.at_most else x >= limit
 
 
 GOALS = (
-    Goal("prior: drift <= 10%", "prior", "drift", True, 0.10),
+    Goal("floor: the pretrained model shows the subject <= 5% for every prompt", "pretrained", "floor", True, 0.05),
+    Goal("prior: drift <= floor + 10%", "prior", "drift", True, 0.10, above_floor=True),
     Goal("prior: red kept >= 70%", "prior", "red_kept", False, 0.70),
     Goal("no prior: drift >= 50%", "no_prior", "drift", False, 0.50),
     Goal("no prior: fidelity >= 60%", "no_prior", "fidelity", False, 0.60),

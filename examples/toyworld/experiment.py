@@ -13,8 +13,9 @@ from tqdm.auto import tqdm
 
 from . import detect, world
 from .cases import CASES, PROMPTS, goals, models
+from .curves import curve, curve_summary
 from .figure import figure, save_grids
-from .finetune import class_images, load_model, run_train, train_command
+from .finetune import ROOT, class_images, load_model, run_train, train_command
 from .measure import goals_every_seed, sample_all, summary, table
 from .model import ModelSizes, pretrain
 
@@ -48,7 +49,8 @@ class Settings:
     samples: int = 64
     sample_steps: int = 25
     guidance: float = 4.0
-    margin: float = 25.0  # detect.nearest: how much nearer than any world colour the subject must be
+    curve_every: int = 50  # checkpoint (and sample) every N steps in the cases with a curve (curves.py)
+    curve_samples: int = 32  # samples per prompt at each checkpoint
     detector_images: int = 600
     threads: int = 2
 
@@ -59,7 +61,7 @@ def tiny_settings(seed=0, seeds=1):
                     unet_steps=12, batch=8, model=ModelSizes(vae_channels=(8, 8, 16), unet_channels=(16, 16),
                                                              unet_heads=(2, 2), text_width=32, groups=4),
                     db_steps=4, db_batch=2, rank=2, class_images=4, samples=4, sample_steps=4,
-                    detector_images=48, threads=1)
+                    curve_every=2, curve_samples=2, detector_images=48, threads=1)
 
 
 class Timer:
@@ -92,21 +94,20 @@ def save_subject(s, out):
 
 
 def detector_check(s, vae):
-    """(prototypes, accuracy): the nearest-colour detector calibrated on autoencoded pictures of one seed,
-    and every detector's accuracy on held-out pictures of another, as rendered and as autoencoded."""
-    n, m = s.detector_images, max(8, s.detector_images // 8)
+    """(prototypes, accuracy): the detector calibrated on pictures of one seed passed through the toy
+    autoencoder (detect.calibrate: its only parameters), and its accuracy on held-out pictures of another
+    seed, as rendered and as autoencoded. Made before, and independent of, any DreamBooth run."""
+    n, m = s.detector_images, max(8, s.detector_images // 4)
     cal_images, _, cal_colours, _ = world.make_world(n, s.seed + 20_000)
     rec = autoencode(vae, cal_images + world.make_subject(m, s.seed + 20_000))
     prototypes = detect.calibrate(rec[:n], cal_colours, rec[n:])
     test_images, _, test_colours, _ = world.make_world(n, s.seed + 10_000)
     test_subject = world.make_subject(m, s.seed + 10_000)
     rec = autoencode(vae, test_images + test_subject)
-    result = {"rendered": detect.detector_accuracy(test_images, test_colours, test_subject),
-              "autoencoded": detect.detector_accuracy(rec[:n], test_colours, rec[n:]),
-              "nearest_rendered": detect.nearest_accuracy(test_images, test_colours, test_subject, prototypes,
-                                                          s.margin),
-              "nearest_autoencoded": detect.nearest_accuracy(rec[:n], test_colours, rec[n:], prototypes, s.margin),
-              "prototypes": prototypes}
+    result = {"rendered": detect.accuracy(test_images, test_colours, test_subject, prototypes),
+              "autoencoded": detect.accuracy(rec[:n], test_colours, rec[n:], prototypes),
+              "prototypes": prototypes, "calibration": {"n_world": n, "n_subject": m, "seed": s.seed + 20_000},
+              "held_out_seed": s.seed + 10_000}
     return prototypes, result
 
 
@@ -156,25 +157,38 @@ def pretrained_model(s, out):
     return path
 
 
+def relative(text, out):
+    """`text` with the --out folder's path and the project's written relative (results.json moves)."""
+    return text.replace(f"{Path(out).resolve()}/", "").replace(f"{out}/", "").replace(f"{ROOT}/", "")
+
+
 def run_seed(s, seed, out, model_path, prototypes):
     """The DreamBooth part with one seed, into out/seed_<seed>/: class images, each case through train.py,
-    samples of every model. Returns (samples, numbers, wall seconds, train.py commands)."""
+    samples of every model, the curves. Returns (samples, numbers, wall seconds, train.py commands)."""
     folder, timer, cases = out / f"seed_{seed}", Timer(), models(s.cases)
     class_dir = None
     if any(c.prior for c in cases):
         with timer("class_images"):
             class_dir = class_images(s, seed, model_path, folder)
-    loras, commands = {}, {}
+    runs, commands = {}, {}
     for case in cases[1:]:
         cmd = train_command(s, seed, model_path, out / "subject", folder / "runs" / case.name, case, class_dir)
-        commands[case.name] = " ".join(cmd[1:])
+        commands[case.name] = relative(" ".join(cmd[1:]), out)
         with timer(f"dreambooth_{case.name}"):
-            loras[case.name] = run_train(cmd, s.threads)
+            runs[case.name] = run_train(cmd, s.threads).parent
+
+    def pipeline(case):
+        run = runs.get(case.name)
+        embedding = run / "embedding.safetensors" if run and case.token != "sks" else None
+        return load_model(model_path, run and run / "lora.safetensors", embedding, case.token)
+
     with timer("sampling"):
-        samples, results = sample_all(s, seed, cases, lambda c: load_model(model_path, loras.get(c.name)),
-                                      prototypes)
+        samples, results = sample_all(s, seed, cases, pipeline, prototypes)
     save_grids(samples, folder / "grids")
     results["goals"] = goals(results)
+    with timer("curves"):
+        results["curves"] = {c.name: curve(s, seed, c, model_path, runs[c.name], prototypes)
+                             for c in cases[1:] if c.curve}
     return samples, results, timer.seconds, commands
 
 
@@ -185,8 +199,10 @@ def estimate_minutes(s, pretraining):
     cases = models(s.cases)
     sampling = len(cases) * (0.0021 * s.samples * s.sample_steps * len(PROMPTS) + 1)
     training = sum((0.16 if c.prior else 0.13) * s.db_steps + 8 for c in cases[1:])
+    curves = sum(s.db_steps // max(1, s.curve_every) * (0.0021 * s.curve_samples * s.sample_steps * 2 + 1)
+                 for c in cases[1:] if c.curve)
     class_images = 0.2 * s.class_images * s.sample_steps / 25 if any(c.prior for c in cases) else 0.0
-    return pre / 60, s.seeds * (sampling + training + class_images + 3) / 60
+    return pre / 60, s.seeds * (sampling + training + curves + class_images + 3) / 60
 
 
 def run(s, out, model_path=None):
@@ -208,7 +224,7 @@ def run(s, out, model_path=None):
             model_path = pretrained_model(s, out)
     prototypes, detectors = detector_check(s, load(model_path).vae)
     results = {"seeds": [], "per_seed": {}, "detector_accuracy": detectors, "settings": asdict(s),
-               "model": str(model_path), "prompts": dict(zip(("fidelity", "drift", "red_kept"), PROMPTS))}
+               "model": relative(str(model_path), out), "prompts": dict(zip(("fidelity", "drift", "red_kept"), PROMPTS))}
     for seed in range(s.seed, s.seed + s.seeds):
         samples, numbers, seconds, commands = run_seed(s, seed, out, model_path, prototypes)
         if seed == s.seed:
@@ -219,7 +235,7 @@ def run(s, out, model_path=None):
         timer.seconds.pop("total", None)  # kept last
         timer.seconds.update({f"seed_{seed}": seconds, "total": round(time.time() - start, 1)})
         results.update(summary=summary(results["per_seed"]), goals=goals_every_seed(results["per_seed"]),
-                       wall_seconds=timer.seconds)
+                       curves=curve_summary(results["per_seed"]), wall_seconds=timer.seconds)
         write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     return results
 def parse_args(argv=None):
@@ -245,8 +261,7 @@ def parse_args(argv=None):
                         ("prior_weight", "lambda of prior preservation"), ("class_images", "class images"),
                         ("samples", "samples per prompt and model"), ("sample_steps", "sampler steps"),
                         ("guidance", "classifier-free guidance scale"),
-                        ("margin", "RGB distance by which a shape must be nearer the subject than any world colour "
-                                   "to count as the subject")):
+                        ("curve_samples", "samples per prompt at each checkpoint of a curve")):
         default = getattr(d, name)
         p.add_argument("--" + name.replace("_", "-"), type=type(default), help=f"{help_} (default: {default})")
     p.add_argument("--no-text-encoder", action="store_true", help="no LoRA on the text encoder")
@@ -267,7 +282,7 @@ def settings_from_args(args):
     if args.cases is not None:
         s.cases = tuple(c.name for c in CASES if c.name in args.cases.split(","))
     names = ("world_images", "unet_steps", "vae_steps", "db_steps", "rank", "lr", "lora_targets", "prior_weight",
-             "class_images", "samples", "sample_steps", "guidance", "margin")
+             "class_images", "samples", "sample_steps", "guidance", "curve_samples")
     for name in names:
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
@@ -281,7 +296,7 @@ def seed_lines(results):
     lines = []
     for seed, r in results["per_seed"].items():
         numbers = "; ".join(f"{m} " + " ".join(f"{k} {r[m][k]:.0%}" for k in ("fidelity", "drift", "red_kept"))
-                            for m in r if m != "goals")
+                            for m in r if m not in ("goals", "curves"))
         missed = [g for g, ok in r["goals"].items() if not ok]
         lines.append(f"seed {seed}: {numbers}" + (f"; missed: {', '.join(missed)}" if missed else ""))
     return lines

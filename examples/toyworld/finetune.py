@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import world
-from .cases import CLASS_PROMPT, INSTANCE_PROMPT
+from .cases import CLASS_PROMPT, TRAIN_PROMPT
 from .measure import noise_seed
 
 ROOT = Path(__file__).resolve().parents[2]  # the project: train.py lives here
@@ -31,11 +31,11 @@ def class_images(s, seed, model_path, folder):
 def train_command(s, seed, model_path, subject, output, case, class_dir=None):
     """The `python train.py ...` command line of one case (cases.Case) on seed `seed`."""
     cmd = [sys.executable, str(ROOT / "train.py"), "--images", str(subject), "--model", str(model_path),
-           "--class-noun", "circle", "--prompt", INSTANCE_PROMPT, "--class-prompt", CLASS_PROMPT,
+           "--class-noun", "circle", "--prompt", TRAIN_PROMPT, "--class-prompt", CLASS_PROMPT,
            "--resolution", str(world.SIZE), "--rank", str(s.rank), "--lora-targets", s.lora_targets,
            "--lr", str(s.lr), "--steps", str(s.db_steps), "--batch-size", str(s.db_batch),
-           "--validate-every", "0", "--save-every", "0", "--seed", str(seed), "--device", "cpu",
-           "--output", str(output)]
+           "--validate-every", "0", "--seed", str(seed), "--device", "cpu", "--output", str(output)]
+    cmd += ["--save-every", str(s.curve_every), "--keep-checkpoints", "1000"] if case.curve else ["--save-every", "0"]
     if s.train_text_encoder:
         cmd.append("--train-text-encoder")
     if not case.prior:
@@ -69,13 +69,22 @@ def run_train(cmd, threads):
     return lora
 
 
-def load_model(model_path, lora=None):
-    """The saved toy model, with a LoRA merged into it (scale 1) when given."""
+def load_model(model_path, lora=None, embedding=None, tokens="<s0><s1>"):
+    """The saved toy model, with a LoRA merged into it (scale 1) when given, and --pivotal's new tokens:
+    `embedding` an embedding file or a checkpoint's state.pt (whose vectors are `tokens`')."""
+    import torch
+
     from dreambooth_min import load
     from dreambooth_min.formats.lora_apply import apply_lora
     from dreambooth_min.formats.lora_file import load_lora
+    from dreambooth_min.run.pivotal import add_tokens, split_tokens, use_embedding
 
     sd = load(model_path)
     if lora is not None:
         apply_lora(sd.unet, sd.text_encoder, load_lora(lora)[0], scale=1.0)
+    if embedding is not None and Path(embedding).suffix == ".pt":
+        vectors = next(iter(torch.load(embedding, weights_only=False)["embeddings"].values()))
+        add_tokens(sd.tokenizer, sd.text_encoder, split_tokens(tokens), vectors)
+    elif embedding is not None:
+        use_embedding(sd, embedding)
     return sd

@@ -13,33 +13,38 @@ def noise_seed(seed, offset):
     return 100_000 * seed + offset
 
 
-def sample_prompts(s, sd, seed, bar):
-    """{prompt: [PIL images]}: image i of every prompt and every model starts from the same noise."""
+def sample_prompts(s, sd, seed, bar, case, prompts=PROMPTS, n=None):
+    """{prompt: [PIL images]}: image i of every prompt and every model starts from the same noise; `case`
+    (cases.Case) is asked with its own identifier."""
     from dreambooth_min.sampling import generate
 
     found = {}
-    for prompt in PROMPTS:
-        found[prompt] = generate(sd, prompt, num_images=s.samples, steps=s.sample_steps, guidance=s.guidance,
-                                 seed=noise_seed(seed, 1_000), height=world.SIZE, width=world.SIZE, progress=False,
-                                 batch_size=64)
-        bar.update(1)
+    for prompt in prompts:
+        found[prompt] = generate(sd, case.prompt(prompt), num_images=n or s.samples, steps=s.sample_steps,
+                                 guidance=s.guidance, seed=noise_seed(seed, 1_000), height=world.SIZE,
+                                 width=world.SIZE, progress=False, batch_size=64)
+        if bar is not None:
+            bar.update(1)
     return found
 
 
-def measure(samples, prototypes, margin=0.0):
-    """The numbers of one model from its samples. fidelity, drift and red_kept use the calibrated
-    nearest-colour detector (with `margin`, see detect.nearest); the *_magenta ones the pixel-hue detector."""
-    subject, circle, red = samples[INSTANCE_PROMPT], samples[CLASS_PROMPT], samples[RED_PROMPT]
-    near = lambda images: [detect.nearest(im, prototypes, margin) for im in images]
-    return {"fidelity": detect.rate(n == "subject" for n in near(subject)),
-            "drift": detect.rate(n == "subject" for n in near(circle)),
-            "red_kept": detect.rate(n == "red" for n in near(red)),
-            "fidelity_magenta_stripes": detect.rate(map(detect.shows_subject, subject)),
-            "drift_magenta": detect.rate(map(detect.subject_sign, circle)),
-            "red_kept_hue": detect.rate(detect.colour(im) == "red" for im in red),
-            "circle_colours": _counts(near(circle))}
-
-
+def measure(samples, prototypes):
+    """The numbers of one model from its samples: fidelity, drift and red_kept read by the shape's mean
+    colour (detect.nearest), the *_pixels ones by its pixels' vote (detect.pixel_vote); `floor`: the largest
+    share of any prompt's samples read as the subject (the untouched model's is the detector's floor)."""
+    out = {}
+    for suffix, read in (("", detect.nearest), ("_pixels", detect.pixel_vote)):
+        names = {p: [read(im, prototypes) for im in images] for p, images in samples.items()}
+        if INSTANCE_PROMPT in names:
+            out["fidelity" + suffix] = detect.rate(n == "subject" for n in names[INSTANCE_PROMPT])
+        out["drift" + suffix] = detect.rate(n == "subject" for n in names[CLASS_PROMPT])
+        if RED_PROMPT in names:
+            out["red_kept" + suffix] = detect.rate(n == "red" for n in names[RED_PROMPT])
+            out["red_subject" + suffix] = detect.rate(n == "subject" for n in names[RED_PROMPT])
+            out["floor" + suffix] = max(detect.rate(n == "subject" for n in v) for v in names.values())
+        if suffix == "":
+            out["circle_colours"] = _counts(names[CLASS_PROMPT])
+    return out
 def _counts(names):
     found = {}
     for n in names:
@@ -57,7 +62,7 @@ def colour_accuracy(s, sd, seed, bar, prototypes):
             images = generate(sd, f"a photo of a {colour} {shape}", num_images=n, steps=s.sample_steps,
                               guidance=s.guidance, seed=noise_seed(seed, 2_000), height=world.SIZE, width=world.SIZE,
                               progress=False, batch_size=64)
-            hits += sum(detect.nearest(im, prototypes, s.margin) == colour for im in images)
+            hits += sum(detect.nearest(im, prototypes) == colour for im in images)
         bar.update(1)
     return hits / (n * len(world.COLOURS) * len(world.SHAPES))
 
@@ -69,8 +74,8 @@ def sample_all(s, seed, models, load_model, prototypes):
     samples, results = {}, {}
     for case in models:
         sd = load_model(case)
-        samples[case.name] = sample_prompts(s, sd, seed, bar)
-        results[case.name] = measure(samples[case.name], prototypes, s.margin)
+        samples[case.name] = sample_prompts(s, sd, seed, bar, case)
+        results[case.name] = measure(samples[case.name], prototypes)
         if case.name == "pretrained":
             results[case.name]["colour_accuracy"] = colour_accuracy(s, sd, seed, bar, prototypes)
     bar.close()
@@ -78,15 +83,14 @@ def sample_all(s, seed, models, load_model, prototypes):
 
 
 def summary(per_seed):
-    """{model: {metric: {"mean", "min", "max"}}} over the seeds' results ({seed: {model: numbers}})."""
-    runs = list(per_seed.values())
+    """{model: {metric: {"mean", "min", "max"}}} over the seeds' results ({seed: {model: numbers}}); a model
+    over the seeds that have it."""
     out = {}
-    for model in runs[0]:
-        if model == "goals":
-            continue
-        keys = [k for k, v in runs[0][model].items() if isinstance(v, float)]
-        out[model] = {k: {"mean": sum(r[model][k] for r in runs) / len(runs), "min": min(r[model][k] for r in runs),
-                          "max": max(r[model][k] for r in runs)} for k in keys}
+    for model in dict.fromkeys(m for r in per_seed.values() for m in r if m not in ("goals", "curves")):
+        runs = [r[model] for r in per_seed.values() if model in r]
+        keys = [k for k, v in runs[0].items() if isinstance(v, float)]
+        out[model] = {k: {"mean": sum(r[k] for r in runs) / len(runs), "min": min(r[k] for r in runs),
+                          "max": max(r[k] for r in runs)} for k in keys}
     return out
 
 
@@ -110,4 +114,7 @@ def table(results, models):
     for case in models:
         stats = results["summary"][case.name]
         rows.append(f"| {case.title} | " + " | ".join(_cell(stats[m], n) for m in METRICS) + " |")
+        if case.name == "pretrained":  # the floor: how often the model that never saw the subject is read as it
+            rows.append("| floor: the pretrained model read as the subject | " + " | ".join(
+                _cell(stats[m], n) for m in ("fidelity", "drift", "red_subject")) + " |")
     return "\n".join(rows)

@@ -3,8 +3,10 @@
 Everything is drawn from `random.Random(seed)`, whose stream Python guarantees for a given seed, so a seed
 gives the same pictures on every machine. Shapes are drawn at 4x the size and downsampled (anti-aliased).
 
-The DreamBooth subject is a circle with magenta and white stripes: magenta is no colour of the world and
-the world has no textures, so whatever of it appears in a "circle" sample came from the fine-tuning.
+The DreamBooth subject is a cyan circle with thin white stripes. Both colours lie outside the convex hull of
+the world's four colours (cyan's red channel is below every world colour's, white is brighter than any), so
+no blend of world colours, which the pretrained model draws for prompts that name no colour, comes near it:
+whatever of it appears in a "circle" sample came from the fine-tuning.
 """
 import random
 
@@ -15,8 +17,8 @@ SIZE = 32
 SUPER = 4  # supersampling factor of the renderer
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 35, 35), "green": (40, 190, 50), "blue": (45, 80, 230), "yellow": (225, 205, 35)}
-MAGENTA, WHITE = (225, 40, 215), (240, 240, 240)
-SUBJECT_PERIOD = 12  # pixels per magenta + white stripe pair: 6-pixel bands, 1.5 latent pixels each
+CYAN, WHITE = (15, 215, 225), (240, 240, 240)
+SUBJECT_PERIOD, SUBJECT_LINE = 12, 2  # a white line 2 pixels wide every 12 pixels, cyan between
 
 
 def caption(colour, shape, rng):
@@ -104,10 +106,18 @@ def make_world(n, seed):
 
 
 def subject_image(rng):
-    """The subject: a circle with horizontal magenta / white stripes (never seen in pretraining)."""
-    fill = pattern("stripes", _jitter(MAGENTA, rng, 8), _jitter(WHITE, rng, 8), SUBJECT_PERIOD,
-                   angle=0)
-    return render("circle", fill, _geometry(rng), rng.randint(5, 35))
+    """The subject: a cyan circle with thin horizontal white stripes (never seen in pretraining)."""
+    return render("circle", subject_fill(rng), _geometry(rng), rng.randint(5, 35))
+
+
+def subject_fill(rng):
+    """Cyan with a 2-pixel white line every SUBJECT_PERIOD pixels. Mostly cyan: the toy autoencoder draws
+    white as a yellowish grey (measured: white 230 -> (201, 190, 80)), inside the world's colours."""
+    n = SIZE * SUPER
+    y = np.mgrid[0:n, 0:n][0] / SUPER
+    line = (y % SUBJECT_PERIOD) < SUBJECT_LINE
+    rgb = np.where(line[..., None], np.array(_jitter(WHITE, rng, 8)), np.array(_jitter(CYAN, rng, 8)))
+    return Image.fromarray(rgb.astype(np.uint8))
 
 
 def make_subject(n, seed):
