@@ -1,7 +1,6 @@
 """--pivotal: new tokens initialised from the class noun and trained with their own lr, every old row of the token
 table bit-identical, the embedding file (A1111 / ComfyUI layout) apart from the LoRA, sample.py --embedding, resume,
 and diffusers' load_textual_inversion giving our image."""
-import json
 from pathlib import Path
 
 import numpy as np

@@ -1,6 +1,5 @@
 """DreamBooth-LoRA training: loss math, learning, resume == uninterrupted, outputs, bad input."""
 import json
-import math
 import os
 import signal
 import subprocess
