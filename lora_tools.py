@@ -1,4 +1,4 @@
-"""After training: bake LoRAs into a model, shrink a LoRA, or extract one from a fine-tuned model (SD 1.x, 2.x, XL).
+r"""After training: bake LoRAs into a model, shrink a LoRA, or extract one from a fine-tuned model (SD 1.x, 2.x, XL).
 
     python lora_tools.py merge --model sd15 --lora style.safetensors:0.8 --lora dog.safetensors --out merged.safetensors
     python lora_tools.py merge --model sd15 --lora a.safetensors --lora b.safetensors:0.5 --into-lora --rank 16 \
@@ -38,11 +38,11 @@ MODEL_HELP = ("a .safetensors checkpoint, a diffusers folder, a Hub repo id or a
               "default: the one model in weights/, else sd15")
 
 
-def _common(p, model=True):
+def _common(p, model=True, out_help="the .safetensors file to write"):
     if model:
         p.add_argument("--model", help=MODEL_HELP)
         p.add_argument("--device", help="where the model is loaded and merged (default: cuda if available, else cpu)")
-    p.add_argument("--out", required=True, help="the file (or folder) to write")
+    p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -58,7 +58,7 @@ def parse_args(argv=None):
     m = sub.add_parser("merge", help="bake LoRAs into a model, or merge several into one LoRA (--into-lora)",
                        description="Bake LoRAs into a model (a .safetensors OUT: one LDM file for A1111 / ComfyUI; "
                                    "any other OUT: a diffusers folder), or with --into-lora merge them into one LoRA.")
-    _common(m)
+    _common(m, out_help="a .safetensors file (an A1111 single file; with --into-lora a LoRA) or a diffusers folder")
     m.add_argument("--lora", action="append", required=True, metavar="FILE[:STRENGTH]",
                    help="a LoRA file (kohya LoRA / LoCon / DoRA, diffusers / peft) and its strength (default 1); "
                         "repeat for several")

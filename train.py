@@ -5,7 +5,8 @@
     python train.py --resume runs/20261125-101500        # continue an interrupted run
 
 Writes <output>/lora.safetensors (kohya format: loads in sample.py, AUTOMATIC1111, ComfyUI, diffusers),
-samples/ (validation images per epoch and grid.png), log.jsonl, loss.png, config.json, checkpoints/.
+samples/ (validation images per epoch and grid.png), log.jsonl, loss.png, report.html, config.json, and
+checkpoints/ while it runs.
 """
 import argparse
 import signal

@@ -299,5 +299,5 @@ def test_lora_args(tmp_path, monkeypatch, sd1, capsys):
     assert sample.main(["--model", str(sd1["folder"]), "--prompt", "x", "--lora", "loha.safetensors:0.5",
                         "--out", "o.png"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: this file is a LoHa (hada_) network") and err.count("\n") == 1
+    assert err.startswith("error: loha.safetensors: this file is a LoHa (hada_) network") and err.count("\n") == 1
     assert not (tmp_path / "o.png").exists()

@@ -104,7 +104,10 @@ def load_lora(path):
     if not path.is_file():
         raise UserError(f"LoRA file {path} does not exist")
     f = SafetensorsFile(path)
-    _refuse_other_kinds(f.entries)  # by the names alone, before a model given here is read whole
+    try:  # by the names alone, before a model given here is read whole
+        _refuse_other_kinds(f.entries)
+    except UserError as e:  # several --lora files: say which one
+        raise UserError(f"{path}: {e}") from None
     return {k: f.read(k) for k in f.entries}, f.metadata  # every value checked finite (NonFinite names the tensor)
 
 

@@ -35,7 +35,7 @@ DTYPES = {
     "BOOL": torch.bool,
 }
 MAX_HEADER = 100 << 20  # bytes; the safetensors library's limit too: a real SDXL header is under 1 MB
-PICKLE_HINT = ("it is a pickle checkpoint (.ckpt/.pt/.bin), which dreambooth_min never opens because "
+PICKLE_HINT = ("it looks like a pickle checkpoint (.ckpt/.pt/.bin), which dreambooth_min never opens because "
                "unpickling can run code: convert it to .safetensors once (the command is in weights/README.md)")
 
 

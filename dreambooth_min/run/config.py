@@ -114,7 +114,8 @@ class TrainConfig:
                                   "(minutes for SD at full size)", HARDWARE)
 
     output: str = option("", "run folder (default: runs/<timestamp>)", OUTPUTS)
-    save_every: int = option(250, "checkpoint every N steps; 0: only at the end and on Ctrl-C", OUTPUTS)
+    save_every: int = option(250, "checkpoint every N steps and on Ctrl-C; 0: only on Ctrl-C (a finished run keeps "
+                                  "lora.safetensors, not its checkpoints)", OUTPUTS)
     keep_checkpoints: int = option(2, "how many checkpoints to keep", OUTPUTS)
     validate_every: int = option(50, "sample the validation prompt every N epochs; 0 disables", OUTPUTS)
     validation_prompt: str = option("{prompt} in the snow", "what validation draws ({prompt}: the instance prompt)",
