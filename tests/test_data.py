@@ -112,7 +112,7 @@ def test_small_image_upscaled_with_warning(tmp_path):
     Image.new("RGB", (10, 12), (255, 0, 0)).save(tmp_path / "small.png")
     x, warning = load_image(tmp_path / "small.png", 16)
     assert x.shape == (3, 16, 16) and close(x, RED, tol=1e-6)
-    assert "small.png is 10x12, smaller than 16x16" in warning
+    assert "small.png is 10x12; its 10x10 crop is smaller than 16x16" in warning
 
 
 def test_find_images_and_captions(tmp_path):

@@ -85,7 +85,10 @@ def class_counts(photo_buckets, n):
     return {b: max(1, k) for b, k in sorted(counts.items())}
 
 
-def describe(photo_buckets):
+def describe(photo_buckets, resolution):
     """The plan's line: 'WxH: n photos' per bucket in use."""
     counts = sorted(Counter(photo_buckets).items(), key=lambda item: (-item[1], item[0]))
-    return ", ".join(f"{w}x{h}: {k} photo{'s' * (k != 1)}" for (h, w), k in counts) + " (width x height)"
+    line = ", ".join(f"{w}x{h}: {k} photo{'s' * (k != 1)}" for (h, w), k in counts) + " (width x height)"
+    if len(bucket_list(resolution)) == 1:  # below 2 x 64 px only the square fits: buckets change nothing
+        line += f"; at {resolution} px the square is the only bucket, so every photo is centre-cropped"
+    return line

@@ -70,7 +70,8 @@ class CommandParser(argparse.ArgumentParser):
 
     def error(self, message):
         flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
-        typos = [w for w in message.replace(",", " ").split() if w.startswith("--") and w not in flags]
+        words = [w.rstrip(":") for w in message.replace(",", " ").split()]  # "argument --dora: invalid choice"
+        typos = [w for w in words if w.startswith("--") and w not in flags]
         near = [m for w in typos for m in difflib.get_close_matches(w, flags, n=1)]
         hint = f" (did you mean {', '.join(near)}?)" if near else ""
         print(f"error: {message}{hint}; see --help", file=sys.stderr)

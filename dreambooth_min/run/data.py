@@ -37,7 +37,8 @@ def load_image(path, resolution, size=None):
     x = x.permute(2, 0, 1).float() / 127.5 - 1.0  # [0, 255] -> [-1, 1], the VAE's input range
     warning = None
     if box[2] - box[0] < tw:
-        warning = f"{Path(path).name} is {w}x{h}, smaller than {tw}x{th}: upscaled, may look soft"
+        crop = f"{round(box[2] - box[0])}x{round(box[3] - box[1])}"  # a long thin photo: only one side is short
+        warning = f"{Path(path).name} is {w}x{h}; its {crop} crop is smaller than {tw}x{th}: upscaled, may look soft"
     return x, warning
 
 

@@ -183,7 +183,7 @@ def plan(cfg, setup, n_images, class_dir, default_model=False):
              f"photos      {n_images} from {cfg.images}, {setup.resolution} px"
              f"{' (aspect buckets)' * bool(setup.buckets)}, flips {'on' if cfg.flip else 'off'}"
              + (f", masks from {cfg.masks or 'name.mask.png'}" if setup.masked else ""),
-             *([f"buckets     {describe_buckets(setup.buckets)}"] if setup.buckets else []),
+             *([f"buckets     {describe_buckets(setup.buckets, setup.resolution)}"] if setup.buckets else []),
              f"learns      {setup.prompt!r}{noun}",
              f"prior       {prior}",
              f"validation  {setup.validation_prompt!r}" + (f" every {plural(cfg.validate_every, 'epoch')}"
