@@ -70,7 +70,9 @@ def compile_line(device_type, version):
     """The plan's line for --compile: the first step compiles the UNet's forward and backward (hardware.compile_unet).
     Full-size times are inductor's usual ones on a GPU, not yet measured here (docs/gpu.md); the run prints the
     first step's real time."""
-    how = "CUDA graphs" if device_type == "cuda" else "inductor"
+    if device_type != "cuda":  # inductor writes and builds C++ kernels: 13 min for the tests' tiny UNet on 2 busy cores
+        return ("compile     the UNet with torch.compile (inductor): the first step includes compiling, which takes "
+                "minutes on a CPU even for a small model; its time is printed")
     typical = "3-5 min" if version == "sdxl" else "1-2 min"
-    return (f"compile     the UNet with torch.compile ({how}): the first step includes compiling, typically {typical} "
-            f"at full size on a GPU; its time is printed")
+    return (f"compile     the UNet with torch.compile (CUDA graphs): the first step includes compiling, typically "
+            f"{typical} at full size on a GPU; its time is printed")
