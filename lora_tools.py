@@ -31,9 +31,9 @@ from dreambooth_min.formats.lora_svd import DYNAMIC_METHODS, lora_from_updates, 
 from dreambooth_min.formats.safetensors_io import check_writable
 from dreambooth_min.formats.single_file import save_single_file
 from dreambooth_min.run.cli import CommandParser, run_command
-from dreambooth_min.run.hardware import resolve_hardware
+from dreambooth_min.run.hardware import DTYPES, resolve_hardware
+from dreambooth_min.scheduler import PREDICTION_TYPES
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODEL_HELP = ("a .safetensors checkpoint, a diffusers folder, a Hub repo id or a short name (sd15, sd21, sdxl); "
               "default: the one model in weights/, else sd15")
 
@@ -64,7 +64,7 @@ def parse_args(argv=None):
                         "repeat for several")
     m.add_argument("--dtype", choices=tuple(DTYPES), default="fp16",
                    help="precision of the written model (merging is in fp32; default: %(default)s, as released models)")
-    m.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
+    m.add_argument("--prediction-type", choices=PREDICTION_TYPES,
                    help="override what an SD 2.x single-file --model predicts (sample.py --help explains the default)")
     m.add_argument("--into-lora", action="store_true", help="write one LoRA (SVD of the summed updates), not a model")
     _ranks(m, "--into-lora: the rank of each module of the LoRA written", required=False)
