@@ -99,6 +99,25 @@ def test_train_commands_of_the_cases():
     assert "--no-prior" in cmd("pivotal_no_prior") and "--pivotal" in cmd("pivotal_no_prior")
     assert "--pivotal" in cmd("pivotal") and cmd("pivotal")[cmd("pivotal").index("--prompt") + 1] == TRAIN_PROMPT
     assert by_name["pivotal"].prompt(PROMPTS[0]) == "a photo of <s0><s1> circle"
+    assert "--masks" not in cmd("busy") and cmd("busy_masked")[cmd("busy_masked").index("--masks") + 1] == "o_masks"
+
+
+def test_busy_background_pictures_and_masks():
+    """The masked case's photos: the subject on dark checks that never reach the foreground threshold, and a
+    mask that is white exactly where the circle is; the background reading tells them from the world's."""
+    pairs = world.make_subject_on_busy(6, 0)
+    for image, mask in pairs:
+        a, m = np.asarray(image), np.asarray(mask)
+        assert m.shape == a.shape[:2] and m.max() == 255 and m.min() == 0
+        assert (a[m == 0].max(-1) < detect.FOREGROUND).all()  # the background is never read as the shape
+        assert (a[m == 255].max(-1) >= detect.FOREGROUND).all()
+    images, _, colours, _ = world.make_world(120, 1)
+    busy = [im for im, _ in world.make_subject_on_busy(24, 1)]
+    protos = detect.calibrate(images, colours, world.make_subject(12, 1), busy)
+    assert protos["spread"]["plain"] < 5 < 25 < protos["spread"]["busy"]
+    test, _, test_colours, _ = world.make_world(120, 2)
+    acc = detect.accuracy(test, test_colours, world.make_subject(12, 2), protos, [im for im, _ in pairs])
+    assert acc["background"] == {"busy_found": 1.0, "busy_false_alarm": 0.0, "subject_found_on_busy": 1.0}
 
 
 def _mtime(path):
@@ -107,17 +126,22 @@ def _mtime(path):
 
 def test_tiny_pipeline_end_to_end_then_more_seeds_on_the_same_model(tmp_path):
     first_settings = tiny_settings()
-    first_settings.cases = ("prior", "pivotal")  # two train.py runs: the curves, --pivotal's tokens
+    first_settings.cases = ("prior", "pivotal", "busy_masked")  # the curves, --pivotal's tokens, the masks
     results = run(first_settings, tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["goals"] == results["goals"] and saved["seeds"] == [0] and list(saved["per_seed"]) == ["0"]
-    first, names = saved["per_seed"]["0"], ("pretrained", "prior", "pivotal")
+    first, names = saved["per_seed"]["0"], ("pretrained", "prior", "pivotal", "busy_masked")
     for m in names:
         for key in ("fidelity", "drift", "red_kept", "floor", "fidelity_pixels", "drift_pixels"):
             assert 0.0 <= first[m][key] <= 1.0, (m, key)
             assert saved["summary"][m][key] == {"mean": first[m][key], "min": first[m][key], "max": first[m][key]}
         assert first[m]["floor"] == max(first[m][k] for k in ("fidelity", "drift", "red_subject"))
     assert 0.0 <= first["pretrained"]["colour_accuracy"] <= 1.0
+    assert all(0.0 <= first[m][k] <= 1.0 for m in names for k in ("busy", "busy_class"))
+    masks = tmp_path / "subject_busy_masks"
+    assert sorted(p.name for p in masks.iterdir()) == sorted(p.name for p in (tmp_path / "subject_busy").iterdir())
+    assert f"masks from {masks}" in (tmp_path / "seed_0" / "runs" / "busy_masked" / "plan.txt").read_text()
+    assert "--masks" in saved["train_commands"]["busy_masked"]
     acc = saved["detector_accuracy"]  # calibrated on a tiny autoencoder's pictures: the values mean nothing here
     assert all(0 <= acc[k][r][m] <= 1 for k in ("rendered", "autoencoded") for r in ("nearest", "pixel_vote")
                for m in ("colour_correct", "subject_found", "subject_false_alarm"))
@@ -137,8 +161,9 @@ def test_tiny_pipeline_end_to_end_then_more_seeds_on_the_same_model(tmp_path):
 
     with Image.open(tmp_path / "figure.png") as fig:
         assert fig.size[0] > 3 * 64 and fig.size[1] > 3 * 64
-    assert len(list((tmp_path / "seed_0" / "grids").rglob("*.png"))) == 9
-    assert table(saved, models(first_settings.cases)).count("\n") == 5  # header, rule, 3 models, floor row
+    assert len(list((tmp_path / "seed_0" / "grids").rglob("*.png"))) == 12
+    main_models = [m for m in models(first_settings.cases) if m.subject == "subject"]
+    assert table(saved, main_models).count("\n") == 5  # header, rule, 3 models, floor row
 
     # A second call with the same --out and two seeds, prior case only: the model is not pretrained again,
     # seed 0's finished run of the same command is reused (hence its numbers are the same), seed 1 is new.

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 INSTANCE_PROMPT, CLASS_PROMPT, RED_PROMPT = "a photo of sks circle", "a photo of a circle", "a photo of a red circle"
 PROMPTS = (INSTANCE_PROMPT, CLASS_PROMPT, RED_PROMPT)
 METRICS = ("fidelity", "drift", "red_kept")  # headline numbers, one per prompt (see measure.py)
+BACKGROUND_METRICS = ("fidelity", "busy", "busy_class")  # the masked case's (measure.py)
 TRAIN_PROMPT = "a photo of {token} circle"  # train.py fills in {token}: sks, or --pivotal's <s0><s1>
 
 
@@ -22,6 +23,8 @@ class Case:
     args: tuple = ()  # further train.py arguments
     token: str = "sks"  # the identifier in "a photo of sks circle" when sampled (--pivotal: its new tokens)
     curve: bool = False  # a checkpoint every 50 steps, each sampled: steps to 90% fidelity (curves.py)
+    subject: str = "subject"  # folder of the subject's photos under --out (experiment.save_subject)
+    masked: bool = False  # --masks <subject>_masks: the loss sees only the subject (issue 28's masked loss)
 
     def prompt(self, prompt):
         """`prompt` as this case's model is asked it: its own identifier instead of sks."""
@@ -35,6 +38,10 @@ CASES = (
          args=("--pivotal",), token="<s0><s1>", curve=True),
     Case("pivotal_no_prior", "pivotal tuning (--pivotal), no prior preservation", "pivotal, no prior", prior=False,
          args=("--pivotal",), token="<s0><s1>", curve=True),
+    Case("busy", "subject on a busy background, no mask (no prior preservation)", "busy, no mask", prior=False,
+         subject="subject_busy"),
+    Case("busy_masked", "subject on a busy background, masked loss (no prior preservation)", "busy + mask",
+         prior=False, subject="subject_busy", masked=True),
 )
 PRETRAINED = Case("pretrained", "pretrained", "pretrained", prior=False)  # the model before any fine-tuning
 
@@ -68,6 +75,9 @@ GOALS = (
     Goal("no prior: drift >= 50%", "no_prior", "drift", False, 0.50),
     Goal("no prior: fidelity >= 60%", "no_prior", "fidelity", False, 0.60),
     Goal("prior: fidelity >= 60%", "prior", "fidelity", False, 0.60),
+    Goal("no mask: the busy background comes along >= 50%", "busy", "busy", False, 0.50),
+    Goal("mask: the busy background comes along <= floor + 10%", "busy_masked", "busy", True, 0.10, above_floor=True),
+    Goal("mask: fidelity >= 60%", "busy_masked", "fidelity", False, 0.60),
 )
 
 

@@ -16,6 +16,10 @@ Two readings with the same rule, both reported:
 2. `pixel_vote` (the *_pixels numbers): every pixel of the shape read by itself; the shape gets the name
    most of its pixels have.
 
+The background (`busy`, for the masked cases): a picture's background is busy when the spread of its pixels'
+colours (their mean distance from the background's median colour) is nearer the busy backgrounds' mean
+spread than the world's plain backgrounds' (both calibrated, as above; again no threshold of our own).
+
 Foreground = pixels with a channel >= 90 (FOREGROUND): the renderer's backgrounds are <= 35 and every
 shape colour has a channel >= 175, so this is a property of the world, not a tuned number. Fewer than
 12 such pixels = no shape ("none"); a 32x32 picture's smallest shape has about 100.
@@ -45,9 +49,11 @@ def mean_colour(image):
     return None if fg is None else fg.mean(0)
 
 
-def calibrate(world_images, world_colours, subject_images):
+def calibrate(world_images, world_colours, subject_images, busy_images=()):
     """{name: mean RGB}: the prototype of each world colour and of "subject" (the mean of its shapes' mean
-    colours), and "background" (the world pictures' mean background colour). The only parameters."""
+    colours), and "background" (the world pictures' mean background colour); with `busy_images` (pictures on
+    a busy background) also "spread": {"plain", "busy"}, the mean background spread of the world pictures
+    and of those. The only parameters."""
     groups = {}
     for im, name in list(zip(world_images, world_colours)) + [(im, "subject") for im in subject_images]:
         c = mean_colour(im)
@@ -55,11 +61,14 @@ def calibrate(world_images, world_colours, subject_images):
             groups.setdefault(name, []).append(c)
     found = {name: np.mean(cs, 0).tolist() for name, cs in groups.items()}
     found["background"] = np.mean([background_colour(im) for im in world_images], 0).tolist()
+    if len(busy_images):
+        found["spread"] = {"plain": float(np.mean([background_spread(im) for im in world_images])),
+                           "busy": float(np.mean([background_spread(im) for im in busy_images]))}
     return found
 
 
 def _world_names(prototypes):
-    return sorted(n for n in prototypes if n not in ("subject", "background"))
+    return sorted(n for n in prototypes if n not in ("subject", "background", "spread"))
 
 
 def hull_distance(colours, vertices):
@@ -112,15 +121,35 @@ def background_colour(image):
     return a[a.max(-1) < FOREGROUND].astype(np.float64).mean(0)
 
 
+def background_spread(image):
+    """Mean RGB distance of the background's pixels from their median colour: about 0 for the world's flat
+    grey, tens for a two-colour pattern."""
+    a = _pixels(image)
+    bg = a[a.max(-1) < FOREGROUND].astype(np.float64)
+    if len(bg) == 0:
+        return 0.0
+    return float(np.sqrt(((bg - np.median(bg, 0)) ** 2).sum(-1)).mean())
+
+
+def busy(image, prototypes):
+    """True when the background's spread is nearer the busy backgrounds' calibrated spread than the plain."""
+    spread, proto = background_spread(image), prototypes["spread"]
+    return abs(spread - proto["busy"]) < abs(spread - proto["plain"])
+
+
 def rate(flags):
     flags = list(flags)
     return sum(map(bool, flags)) / max(1, len(flags))
 
 
-def accuracy(world_images, world_colours, subject_images, prototypes):
+def accuracy(world_images, world_colours, subject_images, prototypes, busy_images=()):
     """Both readings on pictures the prototypes were not made from: world colour right, subject found,
-    subject named where there is none (false alarm)."""
+    subject named where there is none (false alarm); with `busy_images`, the background reading too."""
     out = {}
+    if len(busy_images):
+        out["background"] = {"busy_found": rate(busy(im, prototypes) for im in busy_images),
+                             "busy_false_alarm": rate(busy(im, prototypes) for im in world_images),
+                             "subject_found_on_busy": rate(nearest(im, prototypes) == "subject" for im in busy_images)}
     for reading, read in (("nearest", nearest), ("pixel_vote", pixel_vote)):
         name = lambda im: read(im, prototypes)
         world_names = [name(im) for im in world_images]

@@ -16,7 +16,7 @@ from .cases import CASES, PROMPTS, goals, models
 from .curves import curve, curve_summary
 from .figure import figure, save_grids
 from .finetune import ROOT, class_images, load_model, run_train, train_command
-from .measure import goals_every_seed, sample_all, summary, table
+from .measure import background_table, goals_every_seed, sample_all, summary, table
 from .model import ModelSizes, pretrain
 
 PRETRAIN_FIELDS = ("seed", "world_images", "texture_images", "vae_steps", "decoder_steps", "unet_steps", "batch",
@@ -85,12 +85,16 @@ class Timer:
 
 
 def save_subject(s, out):
-    """The subject's pictures (drawn from the world seed) into out/subject/, where train.py reads them."""
-    folder = out / "subject"
-    folder.mkdir(parents=True, exist_ok=True)
+    """The subject's pictures (drawn from the world seed) where train.py reads them: out/subject/, and for the
+    masked cases out/subject_busy/ (on the busy background) with their masks in out/subject_busy_masks/."""
+    folders = [out / name for name in ("subject", "subject_busy", "subject_busy_masks")]
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(world.make_subject(s.subject_images, s.seed)):
-        im.save(folder / f"{i:02d}.png")
-    return folder
+        im.save(folders[0] / f"{i:02d}.png")
+    for i, (im, mask) in enumerate(world.make_subject_on_busy(s.subject_images, s.seed)):
+        im.save(folders[1] / f"{i:02d}.png")
+        mask.save(folders[2] / f"{i:02d}.png")
 
 
 def detector_check(s, vae):
@@ -99,13 +103,15 @@ def detector_check(s, vae):
     seed, as rendered and as autoencoded. Made before, and independent of, any DreamBooth run."""
     n, m = s.detector_images, max(8, s.detector_images // 4)
     cal_images, _, cal_colours, _ = world.make_world(n, s.seed + 20_000)
-    rec = autoencode(vae, cal_images + world.make_subject(m, s.seed + 20_000))
-    prototypes = detect.calibrate(rec[:n], cal_colours, rec[n:])
+    busy = [im for im, _ in world.make_subject_on_busy(m, s.seed + 20_000)]
+    rec = autoencode(vae, cal_images + world.make_subject(m, s.seed + 20_000) + busy)
+    prototypes = detect.calibrate(rec[:n], cal_colours, rec[n:n + m], rec[n + m:])
     test_images, _, test_colours, _ = world.make_world(n, s.seed + 10_000)
     test_subject = world.make_subject(m, s.seed + 10_000)
-    rec = autoencode(vae, test_images + test_subject)
-    result = {"rendered": detect.accuracy(test_images, test_colours, test_subject, prototypes),
-              "autoencoded": detect.accuracy(rec[:n], test_colours, rec[n:], prototypes),
+    test_busy = [im for im, _ in world.make_subject_on_busy(m, s.seed + 10_000)]
+    rec = autoencode(vae, test_images + test_subject + test_busy)
+    result = {"rendered": detect.accuracy(test_images, test_colours, test_subject, prototypes, test_busy),
+              "autoencoded": detect.accuracy(rec[:n], test_colours, rec[n:n + m], prototypes, rec[n + m:]),
               "prototypes": prototypes, "calibration": {"n_world": n, "n_subject": m, "seed": s.seed + 20_000},
               "held_out_seed": s.seed + 10_000}
     return prototypes, result
@@ -172,7 +178,7 @@ def run_seed(s, seed, out, model_path, prototypes):
             class_dir = class_images(s, seed, model_path, folder)
     runs, commands = {}, {}
     for case in cases[1:]:
-        cmd = train_command(s, seed, model_path, out / "subject", folder / "runs" / case.name, case, class_dir)
+        cmd = train_command(s, seed, model_path, out / case.subject, folder / "runs" / case.name, case, class_dir)
         commands[case.name] = relative(" ".join(cmd[1:]), out)
         with timer(f"dreambooth_{case.name}"):
             runs[case.name] = run_train(cmd, s.threads).parent
@@ -307,7 +313,10 @@ def main(argv=None):
     s = settings_from_args(args)
     results = run(s, args.out, args.model)
     print("\n".join(seed_lines(results)))
-    print(table(results, models(s.cases)))
+    main_models = [m for m in models(s.cases) if m.subject == "subject"]
+    print(table(results, main_models))
+    if any(m.subject != "subject" for m in models(s.cases)):
+        print(background_table(results, [m for m in models(s.cases) if m.name == "pretrained" or m.subject != "subject"]))
     print("wall seconds:", json.dumps(results["wall_seconds"]))
     print("goals on every seed:", json.dumps(results["goals"]) + (
         "  (--tiny: the pipeline went through; at tiny sizes the numbers mean nothing)" if args.tiny else ""))

@@ -29,7 +29,8 @@ def class_images(s, seed, model_path, folder):
 
 
 def train_command(s, seed, model_path, subject, output, case, class_dir=None):
-    """The `python train.py ...` command line of one case (cases.Case) on seed `seed`."""
+    """The `python train.py ...` command line of one case (cases.Case) on seed `seed`; `subject` the folder of
+    the case's photos (a masked case's masks are in `<subject>_masks/`, the same names)."""
     cmd = [sys.executable, str(ROOT / "train.py"), "--images", str(subject), "--model", str(model_path),
            "--class-noun", "circle", "--prompt", TRAIN_PROMPT, "--class-prompt", CLASS_PROMPT,
            "--resolution", str(world.SIZE), "--rank", str(s.rank), "--lora-targets", s.lora_targets,
@@ -38,6 +39,8 @@ def train_command(s, seed, model_path, subject, output, case, class_dir=None):
     cmd += ["--save-every", str(s.curve_every), "--keep-checkpoints", "1000"] if case.curve else ["--save-every", "0"]
     if s.train_text_encoder:
         cmd.append("--train-text-encoder")
+    if case.masked:
+        cmd += ["--masks", f"{subject}_masks"]
     if not case.prior:
         return cmd + ["--no-prior"] + list(case.args)
     return cmd + ["--prior-weight", str(s.prior_weight), "--num-class-images", str(s.class_images),

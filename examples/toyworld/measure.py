@@ -3,7 +3,7 @@ numbers over seeds: mean and min..max of each metric, and whether each goal held
 from tqdm.auto import tqdm
 
 from . import detect, world
-from .cases import CLASS_PROMPT, GOALS, INSTANCE_PROMPT, METRICS, PROMPTS, RED_PROMPT
+from .cases import BACKGROUND_METRICS, CLASS_PROMPT, GOALS, INSTANCE_PROMPT, METRICS, PROMPTS, RED_PROMPT
 
 
 def noise_seed(seed, offset):
@@ -44,6 +44,10 @@ def measure(samples, prototypes):
             out["floor" + suffix] = max(detect.rate(n == "subject" for n in v) for v in names.values())
         if suffix == "":
             out["circle_colours"] = _counts(names[CLASS_PROMPT])
+    if "spread" in prototypes:  # the masked cases' reading: did the busy background come along?
+        for key, prompt in (("busy", INSTANCE_PROMPT), ("busy_class", CLASS_PROMPT)):
+            if prompt in samples:
+                out[key] = detect.rate(detect.busy(im, prototypes) for im in samples[prompt])
     return out
 def _counts(names):
     found = {}
@@ -104,6 +108,17 @@ def _cell(stats, n_seeds):
     if n_seeds == 1:
         return f"{stats['mean']:.0%}"
     return f"{stats['mean']:.0%} ({stats['min']:.0%}..{stats['max']:.0%})"
+
+
+def background_table(results, models):
+    """The masked cases as a markdown table (the pretrained model first: the floor of the reading)."""
+    n = len(results["seeds"])
+    rows = ["| model | fidelity: \"sks circle\" shows the subject | \"sks circle\" on a busy background "
+            "| \"a circle\" on a busy background |", "| --- | --- | --- | --- |"]
+    for case in models:
+        stats = results["summary"][case.name]
+        rows.append(f"| {case.title} | " + " | ".join(_cell(stats[m], n) for m in BACKGROUND_METRICS) + " |")
+    return "\n".join(rows)
 
 
 def table(results, models):

@@ -19,6 +19,8 @@ SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 35, 35), "green": (40, 190, 50), "blue": (45, 80, 230), "yellow": (225, 205, 35)}
 CYAN, WHITE = (15, 215, 225), (240, 240, 240)
 SUBJECT_PERIOD, SUBJECT_LINE = 12, 2  # a white line 2 pixels wide every 12 pixels, cyan between
+BUSY_MAX = 70  # brightest channel of a busy background (detect.FOREGROUND is 90)
+BUSY = ((70, 15, 60), (20, 45, 10))  # the masked case's background: dark purple and dark green checks, 6 px
 
 
 def caption(colour, shape, rng):
@@ -78,11 +80,20 @@ def pattern(kind, colour_a, colour_b, period, angle=0):
 
 
 def render(shape, fill, geometry, background):
-    """One 32x32 RGB picture: `fill` (supersampled image) inside the shape, grey `background` outside."""
+    """One 32x32 RGB picture: `fill` (supersampled image) inside the shape; outside, a grey level
+    `background`, or a supersampled image (a busy background)."""
     n = SIZE * SUPER
-    canvas = Image.new("RGB", (n, n), (background,) * 3)
+    canvas = background.copy() if isinstance(background, Image.Image) else Image.new("RGB", (n, n), (background,) * 3)
     canvas.paste(fill, (0, 0), shape_mask(shape, *geometry))
     return canvas.resize((SIZE, SIZE), Image.Resampling.BOX)
+
+
+def busy_background(rng):
+    """A dark two-colour pattern (stripes or checks, every channel <= BUSY_MAX): busy, but never brighter
+    than the shapes' foreground threshold (detect.FOREGROUND = 90)."""
+    a, b = (tuple(rng.randint(0, BUSY_MAX) for _ in range(3)) for _ in range(2))
+    kind = rng.choice(("stripes", "checks"))
+    return pattern(kind, a, b, rng.uniform(4.0, 10.0), angle=rng.choice((0, 45, 90, 135)))
 
 
 def _jitter(colour, rng, amount=15):
@@ -125,13 +136,30 @@ def make_subject(n, seed):
     return [subject_image(rng) for _ in range(n)]
 
 
+def subject_on_busy(rng):
+    """(picture, mask): the subject on the masked case's busy background (BUSY checks), and its mask
+    (white on the circle, black elsewhere, anti-aliased like the picture)."""
+    geometry = _geometry(rng)
+    checks = pattern("checks", _jitter(BUSY[0], rng, 8), _jitter(BUSY[1], rng, 8), 6.0)
+    mask = shape_mask("circle", *geometry).resize((SIZE, SIZE), Image.Resampling.BOX)
+    return render("circle", subject_fill(rng), geometry, checks), mask
+
+
+def make_subject_on_busy(n, seed):
+    """[(picture, mask)] * n: the same seed as make_subject draws other pictures (its own stream)."""
+    rng = random.Random(seed * 7919 + 3)
+    return [subject_on_busy(rng) for _ in range(n)]
+
+
 def texture_image(rng):
-    """Any shape, any two colours, stripes / checks / plain: teaches the autoencoder textures and colours
-    the world lacks (a real SD autoencoder can draw anything; only the denoiser's world is small)."""
+    """Any shape, any two colours, stripes / checks / plain, on grey or on a busy dark background: teaches
+    the autoencoder textures and colours the world lacks (a real SD autoencoder can draw anything; only the
+    denoiser's world is small)."""
     a, b = (tuple(rng.randint(0, 255) for _ in range(3)) for _ in range(2))
     kind = rng.choice(("stripes", "stripes", "checks", "plain"))
     fill = pattern(kind, a, b, rng.uniform(4.0, 12.0), angle=rng.choice((0, 45, 90, 135)))
-    return render(rng.choice(SHAPES), fill, _geometry(rng), rng.randint(0, 60))
+    background = busy_background(rng) if rng.random() < 0.5 else rng.randint(0, 60)
+    return render(rng.choice(SHAPES), fill, _geometry(rng), background)
 
 
 def make_textures(n, seed):
