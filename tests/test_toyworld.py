@@ -114,7 +114,7 @@ def test_busy_background_pictures_and_masks():
     images, _, colours, _ = world.make_world(120, 1)
     busy = [im for im, _ in world.make_subject_on_busy(24, 1)]
     protos = detect.calibrate(images, colours, world.make_subject(12, 1), busy)
-    assert protos["spread"]["plain"] < 5 < 25 < protos["spread"]["busy"]
+    assert protos["tint"]["plain"] < 2 < 40 < protos["tint"]["busy"]
     test, _, test_colours, _ = world.make_world(120, 2)
     acc = detect.accuracy(test, test_colours, world.make_subject(12, 2), protos, [im for im, _ in pairs])
     assert acc["background"] == {"busy_found": 1.0, "busy_false_alarm": 0.0, "subject_found_on_busy": 1.0}
@@ -237,3 +237,17 @@ def test_figure_headers_do_not_run_into_each_other(tmp_path):
 def test_colour_samples_render_in_their_colour(colour):
     image, caption, c, shape = world.world_sample(__import__("random").Random(5), colour=colour)
     assert c == colour and detect.nearest(image, _rendered_prototypes(1)) == colour
+
+
+def test_readme_and_docs_show_the_measured_tables():
+    """The tables in README.md and docs/toyworld.md are the ones the committed results.json gives."""
+    from examples.toyworld.measure import background_table
+
+    results = json.loads((ROOT / "docs" / "toyworld" / "results.json").read_text())
+    cases = models(results["settings"]["cases"])
+    main_table = table(results, [m for m in cases if m.subject == "subject"])
+    busy_table = background_table(results, [m for m in cases if m.name == "pretrained" or m.subject != "subject"])
+    for doc in ("README.md", "docs/toyworld.md"):
+        text = (ROOT / doc).read_text()
+        assert main_table in text and busy_table in text, doc
+    assert str(ROOT) not in json.dumps(results) and "/tmp/" not in json.dumps(results)

@@ -43,7 +43,7 @@ CASES = (
     Case("busy_masked", "subject on a busy background, masked loss (no prior preservation)", "busy + mask",
          prior=False, subject="subject_busy", masked=True),
 )
-PRETRAINED = Case("pretrained", "pretrained", "pretrained", prior=False)  # the model before any fine-tuning
+PRETRAINED = Case("pretrained", "pretrained (never saw the subject)", "pretrained", prior=False)  # the model before any fine-tuning
 
 
 def models(names=None):

@@ -29,10 +29,10 @@ class Settings:
     seeds: int = 1  # DreamBooth runs, sampling and class images with seeds seed, seed + 1, ...
     cases: tuple = tuple(c.name for c in CASES)
     world_images: int = 6000
-    texture_images: int = 4000
-    vae_steps: int = 600
-    decoder_steps: int = 200
-    unet_steps: int = 1700
+    texture_images: int = 7000
+    vae_steps: int = 1800
+    decoder_steps: int = 600
+    unet_steps: int = 4000
     batch: int = 32
     model: ModelSizes = field(default_factory=ModelSizes)
     subject_images: int = 4

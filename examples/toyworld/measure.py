@@ -44,7 +44,7 @@ def measure(samples, prototypes):
             out["floor" + suffix] = max(detect.rate(n == "subject" for n in v) for v in names.values())
         if suffix == "":
             out["circle_colours"] = _counts(names[CLASS_PROMPT])
-    if "spread" in prototypes:  # the masked cases' reading: did the busy background come along?
+    if "tint" in prototypes:  # the masked cases' reading: did the busy background come along?
         for key, prompt in (("busy", INSTANCE_PROMPT), ("busy_class", CLASS_PROMPT)):
             if prompt in samples:
                 out[key] = detect.rate(detect.busy(im, prototypes) for im in samples[prompt])
@@ -130,6 +130,6 @@ def table(results, models):
         stats = results["summary"][case.name]
         rows.append(f"| {case.title} | " + " | ".join(_cell(stats[m], n) for m in METRICS) + " |")
         if case.name == "pretrained":  # the floor: how often the model that never saw the subject is read as it
-            rows.append("| floor: the pretrained model read as the subject | " + " | ".join(
+            rows.append("| floor: the pretrained model read as the subject, per prompt | " + " | ".join(
                 _cell(stats[m], n) for m in ("fidelity", "drift", "red_subject")) + " |")
     return "\n".join(rows)

@@ -20,7 +20,7 @@ COLOURS = {"red": (220, 35, 35), "green": (40, 190, 50), "blue": (45, 80, 230), 
 CYAN, WHITE = (15, 215, 225), (240, 240, 240)
 SUBJECT_PERIOD, SUBJECT_LINE = 12, 2  # a white line 2 pixels wide every 12 pixels, cyan between
 BUSY_MAX = 70  # brightest channel of a busy background (detect.FOREGROUND is 90)
-BUSY = ((70, 15, 60), (20, 45, 10))  # the masked case's background: dark purple and dark green checks, 6 px
+BUSY = ((80, 10, 80), (45, 0, 55))  # the masked case's background: purple checks, 4-pixel squares
 
 
 def caption(colour, shape, rng):
@@ -140,7 +140,7 @@ def subject_on_busy(rng):
     """(picture, mask): the subject on the masked case's busy background (BUSY checks), and its mask
     (white on the circle, black elsewhere, anti-aliased like the picture)."""
     geometry = _geometry(rng)
-    checks = pattern("checks", _jitter(BUSY[0], rng, 8), _jitter(BUSY[1], rng, 8), 6.0)
+    checks = pattern("checks", _jitter(BUSY[0], rng, 8), _jitter(BUSY[1], rng, 8), 8.0)
     mask = shape_mask("circle", *geometry).resize((SIZE, SIZE), Image.Resampling.BOX)
     return render("circle", subject_fill(rng), geometry, checks), mask
 
@@ -158,7 +158,7 @@ def texture_image(rng):
     a, b = (tuple(rng.randint(0, 255) for _ in range(3)) for _ in range(2))
     kind = rng.choice(("stripes", "stripes", "checks", "plain"))
     fill = pattern(kind, a, b, rng.uniform(4.0, 12.0), angle=rng.choice((0, 45, 90, 135)))
-    background = busy_background(rng) if rng.random() < 0.5 else rng.randint(0, 60)
+    background = busy_background(rng) if rng.random() < 0.7 else rng.randint(0, 60)
     return render(rng.choice(SHAPES), fill, _geometry(rng), background)
 
 
