@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from examples.toyworld import detect, world  # noqa: E402
-from examples.toyworld.cases import CASES, GOALS, PROMPTS, TRAIN_PROMPT, models  # noqa: E402
+from examples.toyworld.cases import CASES, GOALS, PROMPTS, TRAIN_PROMPT, models, table_models  # noqa: E402
 from examples.toyworld.experiment import main, run, tiny_settings  # noqa: E402
 from examples.toyworld.finetune import train_command  # noqa: E402
 from examples.toyworld.figure import figure  # noqa: E402
@@ -104,13 +104,18 @@ def test_train_commands_of_the_cases():
 
 def test_busy_background_pictures_and_masks():
     """The masked case's photos: the subject on dark checks that never reach the foreground threshold, and a
-    mask that is white exactly where the circle is; the background reading tells them from the world's."""
+    mask that lies a latent cell inside the circle; the background reading tells them from the world's."""
+    from PIL import Image, ImageFilter
+
     pairs = world.make_subject_on_busy(6, 0)
     for image, mask in pairs:
         a, m = np.asarray(image), np.asarray(mask)
+        shape = a.max(-1) >= detect.FOREGROUND
         assert m.shape == a.shape[:2] and m.max() == 255 and m.min() == 0
-        assert (a[m == 0].max(-1) < detect.FOREGROUND).all()  # the background is never read as the shape
-        assert (a[m == 255].max(-1) >= detect.FOREGROUND).all()
+        assert shape[m > 0].all()  # the mask lies inside the shape...
+        assert (a[~shape].max(-1) < detect.FOREGROUND).all()  # ...and the background is never read as it
+        inside = np.asarray(Image.fromarray(shape).filter(ImageFilter.MinFilter(2 * world.MASK_INSET - 1)))
+        assert not (m[~inside] == 255).any()  # fully white only a MASK_INSET inside the outline
     images, _, colours, _ = world.make_world(120, 1)
     busy = [im for im, _ in world.make_subject_on_busy(24, 1)]
     protos = detect.calibrate(images, colours, world.make_subject(12, 1), busy)
@@ -162,8 +167,9 @@ def test_tiny_pipeline_end_to_end_then_more_seeds_on_the_same_model(tmp_path):
     with Image.open(tmp_path / "figure.png") as fig:
         assert fig.size[0] > 3 * 64 and fig.size[1] > 3 * 64
     assert len(list((tmp_path / "seed_0" / "grids").rglob("*.png"))) == 12
-    main_models = [m for m in models(first_settings.cases) if m.subject == "subject"]
+    main_models, busy_models = table_models(first_settings.cases)
     assert table(saved, main_models).count("\n") == 5  # header, rule, 3 models, floor row
+    assert [m.name for m in busy_models] == ["pretrained", "busy_masked"]
 
     # A second call with the same --out and two seeds, prior case only: the model is not pretrained again,
     # seed 0's finished run of the same command is reused (hence its numbers are the same), seed 1 is new.
@@ -244,9 +250,8 @@ def test_readme_and_docs_show_the_measured_tables():
     from examples.toyworld.measure import background_table
 
     results = json.loads((ROOT / "docs" / "toyworld" / "results.json").read_text())
-    cases = models(results["settings"]["cases"])
-    main_table = table(results, [m for m in cases if m.subject == "subject"])
-    busy_table = background_table(results, [m for m in cases if m.name == "pretrained" or m.subject != "subject"])
+    main_models, busy_models = table_models(results["settings"]["cases"])
+    main_table, busy_table = table(results, main_models), background_table(results, busy_models)
     for doc in ("README.md", "docs/toyworld.md"):
         text = (ROOT / doc).read_text()
         assert main_table in text and busy_table in text, doc

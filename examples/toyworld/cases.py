@@ -10,7 +10,7 @@ from dataclasses import dataclass
 INSTANCE_PROMPT, CLASS_PROMPT, RED_PROMPT = "a photo of sks circle", "a photo of a circle", "a photo of a red circle"
 PROMPTS = (INSTANCE_PROMPT, CLASS_PROMPT, RED_PROMPT)
 METRICS = ("fidelity", "drift", "red_kept")  # headline numbers, one per prompt (see measure.py)
-BACKGROUND_METRICS = ("fidelity", "busy", "busy_class")  # the masked case's (measure.py)
+BACKGROUND_METRICS = ("fidelity", "fidelity_pixels", "busy", "busy_class")  # the masked cases' (measure.py)
 TRAIN_PROMPT = "a photo of {token} circle"  # train.py fills in {token}: sks, or --pivotal's <s0><s1>
 
 
@@ -43,12 +43,21 @@ CASES = (
     Case("busy_masked", "subject on a busy background, masked loss (no prior preservation)", "busy + mask",
          prior=False, subject="subject_busy", masked=True),
 )
-PRETRAINED = Case("pretrained", "pretrained (never saw the subject)", "pretrained", prior=False)  # the model before any fine-tuning
+# the model before any fine-tuning
+PRETRAINED = Case("pretrained", "pretrained (never saw the subject)", "pretrained", prior=False)
 
 
 def models(names=None):
     """The pretrained model and the cases named in `names` (all when None), in table order."""
     return (PRETRAINED,) + tuple(c for c in CASES if names is None or c.name in names)
+
+
+def table_models(names=None):
+    """(main table, background table): models(names) split by subject; the busy-background cases get their
+    own table, under the pretrained model (the floor of their reading). The second is () without them."""
+    found = models(names)
+    busy = tuple(m for m in found if m.subject != "subject")
+    return tuple(m for m in found if m.subject == "subject"), (found[0],) + busy if busy else ()
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ background than that of the world's grey backgrounds (both calibrated, as above;
 The tint, not the pattern: the toy autoencoder keeps the purple of the busy checks but flattens their
 4-pixel squares (measured: the pixels' spread about their median falls from 25 to about 10, the world's 3).
 
-Foreground = pixels with a channel >= 90 (FOREGROUND): the renderer's backgrounds are <= 35 and every
-shape colour has a channel >= 175, so this is a property of the world, not a tuned number. Fewer than
+Foreground = pixels with a channel >= 90 (FOREGROUND): the world's backgrounds are <= 35, the busy one's
+<= 88, and every shape colour has a channel >= 175, so this is a property of the world, not a tuned number. Fewer than
 12 such pixels = no shape ("none"); a 32x32 picture's smallest shape has about 100.
 """
 from itertools import combinations

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import detect, world
-from .cases import CASES, PROMPTS, goals, models
+from .cases import CASES, PROMPTS, goals, models, table_models
 from .curves import curve, curve_summary
 from .figure import figure, save_grids
 from .finetune import ROOT, class_images, load_model, run_train, train_command
@@ -313,10 +313,10 @@ def main(argv=None):
     s = settings_from_args(args)
     results = run(s, args.out, args.model)
     print("\n".join(seed_lines(results)))
-    main_models = [m for m in models(s.cases) if m.subject == "subject"]
+    main_models, busy_models = table_models(s.cases)
     print(table(results, main_models))
-    if any(m.subject != "subject" for m in models(s.cases)):
-        print(background_table(results, [m for m in models(s.cases) if m.name == "pretrained" or m.subject != "subject"]))
+    if busy_models:
+        print(background_table(results, busy_models))
     print("wall seconds:", json.dumps(results["wall_seconds"]))
     print("goals on every seed:", json.dumps(results["goals"]) + (
         "  (--tiny: the pipeline went through; at tiny sizes the numbers mean nothing)" if args.tiny else ""))
