@@ -200,7 +200,8 @@ def run_seed(s, seed, out, model_path, prototypes):
 
 def estimate_minutes(s, pretraining):
     """(pretraining, all seeds) in rough wall minutes on 2 cores: seconds per step of each phase of a
-    default run on 2 quiet cores (pretraining 432 s, then per seed 134 s), times the steps asked for."""
+    default run on 2 quiet cores (measured: pretraining 1,059 s against 1,094 estimated; seed 0 with all six
+    cases 438 s against 497), times the steps asked for."""
     pre = 0.18 * s.vae_steps + 0.15 * s.decoder_steps + 0.17 * s.unet_steps if pretraining else 0.0
     cases = models(s.cases)
     sampling = len(cases) * (0.0021 * s.samples * s.sample_steps * len(PROMPTS) + 1)
