@@ -102,6 +102,20 @@ def test_train_commands_of_the_cases():
     assert "--masks" not in cmd("busy") and cmd("busy_masked")[cmd("busy_masked").index("--masks") + 1] == "o_masks"
 
 
+def test_a_finished_run_is_reused_only_for_the_same_photos(tmp_path):
+    from examples.toyworld.finetune import photos_digest
+
+    photos, masks = tmp_path / "photos", tmp_path / "photos_masks"
+    for folder in (photos, masks):
+        folder.mkdir()
+        (folder / "00.png").write_bytes(b"one")
+    cmd = ["python", "train.py", "--images", str(photos), "--masks", str(masks)]
+    first = photos_digest(cmd)
+    assert photos_digest(cmd) == first and photos_digest(cmd[:4]) != first  # the masks count
+    (masks / "00.png").write_bytes(b"two")
+    assert photos_digest(cmd) != first
+
+
 def test_busy_background_pictures_and_masks():
     """The masked case's photos: the subject on dark checks that never reach the foreground threshold, and a
     mask that lies a latent cell inside the circle; the background reading tells them from the world's."""

@@ -1,5 +1,6 @@
 """The DreamBooth part of one seed: class images drawn by the frozen toy model, then each case through
 `python train.py`, exactly as a user would run it."""
+import hashlib
 import os
 import shutil
 import subprocess
@@ -47,25 +48,38 @@ def train_command(s, seed, model_path, subject, output, case, class_dir=None):
                   "--class-dir", str(class_dir), "--class-steps", str(s.sample_steps)] + list(case.args)
 
 
+def photos_digest(cmd):
+    """SHA-256 of the photos and masks a train.py command reads (--images, --masks): a finished run is reused
+    only for the same pictures, not just the same command line (world.py may have drawn other ones)."""
+    digest = hashlib.sha256()
+    for flag in ("--images", "--masks"):
+        if flag in cmd:
+            for path in sorted(Path(cmd[cmd.index(flag) + 1]).iterdir()):
+                digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def run_train(cmd, threads):
     """Run train.py (its own progress bar shows) and return the LoRA it wrote. A finished run of the same
-    command (an earlier call with the same --out) is reused; another run in its folder is replaced.
+    command on the same photos (an earlier call with the same --out) is reused; another run in its folder
+    is replaced.
     Threads as ours; idle OpenMP threads sleep (shared cores)."""
     from dreambooth_min.watch.report import write_text_atomic
 
     output = Path(cmd[cmd.index("--output") + 1])
-    lora, stamp, line = output / "lora.safetensors", output / "toyworld_command.txt", " ".join(cmd[1:])
+    lora, stamp = output / "lora.safetensors", output / "toyworld_command.txt"
+    line = " ".join(cmd[1:]) + "\n" + photos_digest(cmd)
     if lora.exists() and stamp.exists() and stamp.read_text() == line:
-        tqdm.write(f"reusing {lora} (same train.py command)")
+        tqdm.write(f"reusing {lora} (same train.py command and photos)")
         return lora
     if output.exists():
-        tqdm.write(f"replacing the earlier run in {output} (another command or unfinished)")
+        tqdm.write(f"replacing the earlier run in {output} (another command, other photos, or unfinished)")
         shutil.rmtree(output)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE",
                PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     done = subprocess.run(cmd, cwd=ROOT, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"train.py failed with exit status {done.returncode}: {line}")
+        raise RuntimeError(f"train.py failed with exit status {done.returncode}: {' '.join(cmd[1:])}")
     if not lora.exists():
         raise RuntimeError(f"train.py finished without writing {lora}")
     write_text_atomic(stamp, line)
