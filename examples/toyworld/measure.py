@@ -113,29 +113,32 @@ def _cell(stats, n_seeds):
     return f"{stats['mean']:.0%} ({stats['min']:.0%}..{stats['max']:.0%})"
 
 
-def background_table(results, models):
-    """The masked cases as a markdown table (the pretrained model first: the floor of the reading). Fidelity in
-    both readings: on a purple background the shape's blurred rim pulls its mean colour towards purple, a
-    blend of the world's red and blue (seed 0: (68, 154, 180) against the subject's (53, 201, 214)); the
-    pixel vote reads the rim's pixels one by one, and they are too few to outvote the circle's."""
+def _table(results, models, header, metrics, floor_row=False):
+    """Markdown rows: one per model, mean (min..max over seeds) of each of `metrics`; with `floor_row`, under the
+    pretrained model how often that model (which never saw the subject) is read as the subject."""
     n = len(results["seeds"])
-    rows = ["| model | fidelity (shape's mean colour) | fidelity (pixel vote) | \"sks circle\" on a busy background "
-            "| \"a circle\" on a busy background |", "| --- | --- | --- | --- | --- |"]
+    rows = ["| model | " + " | ".join(header) + " |", "| --- " * (len(header) + 1) + "|"]
     for case in models:
         stats = results["summary"][case.name]
-        rows.append(f"| {case.title} | " + " | ".join(_cell(stats[m], n) for m in BACKGROUND_METRICS) + " |")
+        rows.append(f"| {case.title} | " + " | ".join(_cell(stats[m], n) for m in metrics) + " |")
+        if floor_row and case.name == "pretrained":
+            rows.append("| floor: the pretrained model read as the subject, per prompt | " + " | ".join(
+                _cell(stats[m], n) for m in ("fidelity", "drift", "red_subject")) + " |")
     return "\n".join(rows)
 
 
 def table(results, models):
     """The results as a markdown table: mean (min..max over seeds) of each metric of each model."""
-    n = len(results["seeds"])
-    rows = ["| model | fidelity: \"sks circle\" shows the subject | drift: \"a circle\" looks like the subject "
-            "| \"a red circle\" still red |", "| --- | --- | --- | --- |"]
-    for case in models:
-        stats = results["summary"][case.name]
-        rows.append(f"| {case.title} | " + " | ".join(_cell(stats[m], n) for m in METRICS) + " |")
-        if case.name == "pretrained":  # the floor: how often the model that never saw the subject is read as it
-            rows.append("| floor: the pretrained model read as the subject, per prompt | " + " | ".join(
-                _cell(stats[m], n) for m in ("fidelity", "drift", "red_subject")) + " |")
-    return "\n".join(rows)
+    header = ('fidelity: "sks circle" shows the subject', 'drift: "a circle" looks like the subject',
+              '"a red circle" still red')
+    return _table(results, models, header, METRICS, floor_row=True)
+
+
+def background_table(results, models):
+    """The masked cases as a markdown table (the pretrained model first: the floor of the reading). Fidelity in
+    both readings: on a purple background the shape's blurred rim pulls its mean colour towards purple, a
+    blend of the world's red and blue (seed 0: (68, 154, 180) against the subject's (53, 201, 214)); the
+    pixel vote reads the rim's pixels one by one, and they are too few to outvote the circle's."""
+    header = ("fidelity (shape's mean colour)", "fidelity (pixel vote)", '"sks circle" on a busy background',
+              '"a circle" on a busy background')
+    return _table(results, models, header, BACKGROUND_METRICS)
