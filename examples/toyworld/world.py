@@ -6,7 +6,8 @@ gives the same pictures on every machine. Shapes are drawn at 4x the size and do
 The DreamBooth subject is a cyan circle with thin white stripes. Both colours lie outside the convex hull of
 the world's four colours (cyan's red channel is below every world colour's, white is brighter than any), so
 no blend of world colours, which the pretrained model draws for prompts that name no colour, comes near it:
-whatever of it appears in a "circle" sample came from the fine-tuning.
+whatever of it appears in a "circle" sample came from the fine-tuning. For the masked cases the same subject
+stands on purple checks (BUSY), with a mask per picture.
 """
 import random
 
@@ -19,8 +20,8 @@ SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 35, 35), "green": (40, 190, 50), "blue": (45, 80, 230), "yellow": (225, 205, 35)}
 CYAN, WHITE = (15, 215, 225), (240, 240, 240)
 SUBJECT_PERIOD, SUBJECT_LINE = 12, 2  # a white line 2 pixels wide every 12 pixels, cyan between
-BUSY_MAX = 70  # brightest channel of a busy background (detect.FOREGROUND is 90)
-BUSY = ((80, 10, 80), (45, 0, 55))  # the masked case's background: purple checks, 4-pixel squares
+BUSY_MAX = 70  # brightest channel of the autoencoder's random busy backgrounds (detect.FOREGROUND is 90)
+BUSY = ((80, 10, 80), (45, 0, 55))  # the masked case's background: purple checks, 4-pixel squares, <= 88
 # The loss mask acts on the latent grid (one latent per 4x4 pixels here, 8x8 in SD): a latent on the subject's
 # outline carries background too, so the mask stays one latent inside it (measured in docs/toyworld.md).
 MASK_INSET = 4
