@@ -4,13 +4,13 @@
     python examples/toyworld.py --out toyworld_run --seeds 5    # 5 DreamBooth seeds on the same model
     python examples/toyworld.py --out /tmp/tw --tiny            # seconds: checks the pipeline only
 
-Makes a world of 32x32 coloured shapes, pretrains a toy Stable Diffusion on it with this project's own
-UNet, VAE and noise schedule, saves it as an ordinary diffusers folder, teaches it a cyan circle with thin
-white lines ("a photo of sks circle") through `python train.py` (without and with prior preservation, and
-with --pivotal), and measures with a detector calibrated before any of it: does "sks circle" show the
-subject, does "a circle" drift towards it, does "a red circle" stay red, and how often the untouched model
-is read as the subject (the floor). Writes results.json (every seed; mean and min..max; paths relative to
---out), figure.png (the first seed) and seed_N/ into --out.
+Makes a world of 32x32 coloured shapes, pretrains a toy Stable Diffusion on it with this project's own UNet,
+VAE and noise schedule, saves it as an ordinary diffusers folder, teaches it a cyan circle with thin white
+lines ("a photo of sks circle") through `python train.py` (without and with prior preservation, and with
+--pivotal, and on a busy background without and with a loss mask), and measures with a detector calibrated
+before any of it: does "sks circle" show the subject, does "a circle" drift towards it, does "a red circle"
+stay red, and how often the untouched model is read as the subject (the floor). Writes results.json (every
+seed; mean and min..max; paths relative to --out), figure.png (the first seed) and seed_N/ into --out.
 The code is in examples/toyworld/; docs/toyworld.md has the measured numbers.
 """
 import os

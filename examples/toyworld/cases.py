@@ -2,7 +2,7 @@
 
 A case is one `python train.py` run on the toy model: sampled with the same noise as every other model,
 measured with the same detectors, shown as one column of the figure and one row of the table. A new case
-(a masked loss, pivotal tuning...) is one more `Case` in CASES with its extra train.py arguments, plus, if
+(another loss, another way to train the tokens...) is one more `Case` in CASES with its extra train.py arguments, plus, if
 it makes a claim, one more `Goal`.
 """
 from dataclasses import dataclass
@@ -22,9 +22,9 @@ class Case:
     prior: bool  # prior preservation with class images drawn by the frozen model (DreamBooth eq. 2)
     args: tuple = ()  # further train.py arguments
     token: str = "sks"  # the identifier in "a photo of sks circle" when sampled (--pivotal: its new tokens)
-    curve: bool = False  # a checkpoint every 50 steps, each sampled: steps to 90% fidelity (curves.py)
+    curve: bool = False  # a checkpoint every Settings.curve_every steps, each sampled: steps to 90% (curves.py)
     subject: str = "subject"  # folder of the subject's photos under --out (experiment.save_subject)
-    masked: bool = False  # --masks <subject>_masks: the loss sees only the subject (issue 28's masked loss)
+    masked: bool = False  # --masks <subject>_masks: the loss sees only the subject (docs/buckets-and-masks.md)
 
     def prompt(self, prompt):
         """`prompt` as this case's model is asked it: its own identifier instead of sks."""

@@ -1,8 +1,9 @@
 """The instrument: reads a 32x32 sample and names its shape's colour (a world colour, or "subject").
 
-Calibration (`calibrate`), fixed before any DreamBooth run: held-out world pictures and subject pictures,
-passed through the toy model's own autoencoder (what the model *can* draw), give the prototypes: the mean
-RGB of the shapes of each world colour, of the subject's shapes, and of the world's backgrounds. Nothing
+Calibration (`calibrate`), fixed before any DreamBooth run: world pictures, subject pictures and pictures of
+the subject on the busy background, of a seed no training used, passed through the toy model's own
+autoencoder (what the model *can* draw), give the prototypes: the mean RGB of the shapes of each world
+colour, of the subject's shapes, and of the world's backgrounds, and the backgrounds' tints (below). Nothing
 else is calibrated or tuned; there is no margin and no threshold.
 
 The rule (`_read`): a colour is the subject when it is nearer the subject's prototype than any blend of the
@@ -125,7 +126,7 @@ def background_colour(image):
 
 def background_tint(image):
     """Distance of the background's mean colour from the grey axis (RGB units): about 0 for the world's
-    grey backgrounds, about 45 for the busy purple checks."""
+    grey backgrounds, 49 for the busy purple checks as rendered (about 41 autoencoded)."""
     c = background_colour(image)
     return 0.0 if np.isnan(c).any() else float(np.linalg.norm(c - c.mean()))
 

@@ -245,6 +245,8 @@ def run(s, out, model_path=None):
                        curves=curve_summary(results["per_seed"]), wall_seconds=timer.seconds)
         write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     return results
+
+
 def parse_args(argv=None):
     import argparse
 

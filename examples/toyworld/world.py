@@ -1,12 +1,13 @@
-"""The toy world: 32x32 pictures of one flat-coloured shape on a dark background, and pixel detectors.
+"""The toy world: 32x32 pictures of one flat-coloured shape on a dark background (the detectors: detect.py).
 
 Everything is drawn from `random.Random(seed)`, whose stream Python guarantees for a given seed, so a seed
 gives the same pictures on every machine. Shapes are drawn at 4x the size and downsampled (anti-aliased).
 
-The DreamBooth subject is a cyan circle with thin white stripes. Both colours lie outside the convex hull of
-the world's four colours (cyan's red channel is below every world colour's, white is brighter than any), so
-no blend of world colours, which the pretrained model draws for prompts that name no colour, comes near it:
-whatever of it appears in a "circle" sample came from the fine-tuning. For the masked cases the same subject
+The DreamBooth subject is a cyan circle with thin white stripes. Cyan lies outside the convex hull of the
+world's four colours (its red channel is below every world colour's), so no blend of world colours, which an
+imperfect model draws for prompts that name no colour, comes near it: whatever of it appears in a "circle"
+sample came from the fine-tuning. (White is outside the hull too, but the toy autoencoder draws it inside:
+subject_fill; the subject is read by its cyan.) For the masked cases the same subject
 stands on purple checks (BUSY), with a mask per picture.
 """
 import random
