@@ -85,6 +85,7 @@ def test_smoke_run(tmp_path, capsys):
     assert set(runs) == set(tools.split(","))
     for run in runs.values():
         assert run.returncode == 0 and run.total_steps == 2 and set(run.steps_at) == {0, 1, 2}
-        assert 0 < run.setup < run.steps_at[1] < run.steps_at[2] <= run.wall
+        # <=: two bar updates read from the pipe in one chunk share an arrival time (seen once in CI)
+        assert 0 < run.setup <= run.steps_at[1] <= run.steps_at[2] <= run.wall
         assert run.peak_rss > 100 * 2**20 and run.lora.endswith(".safetensors")
     assert "| ours |" in out and ("ratio ours/diffusers" in out) == (text is not None)
