@@ -2,8 +2,8 @@
 
 A case is one `python train.py` run on the toy model: sampled with the same noise as every other model,
 measured with the same detectors, shown as one column of the figure and one row of the table. A new case
-(another loss, another way to train the tokens...) is one more `Case` in CASES with its extra train.py arguments, plus, if
-it makes a claim, one more `Goal`.
+(another loss, another way to train the tokens...) is one more `Case` in CASES with its extra train.py
+arguments, plus, if it makes a claim, one more `Goal`.
 """
 from dataclasses import dataclass
 
